@@ -1,0 +1,3 @@
+from otel_ebpf.cli import main
+
+raise SystemExit(main())
