@@ -1,0 +1,29 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set the machine up first.
+PY := .venv/bin/python
+DEMO_SYMBOLS := handle_request parse_request compute fib
+
+.PHONY: setup examples demo test unit e2e bench clean
+
+setup:
+	bash scripts/setup.sh
+
+examples:
+	$(MAKE) -C examples
+
+# Traces the example and prints its spans on the console, no backend needed.
+demo: setup examples
+	NESTED_GROUND_TRUTH=/dev/null OTEL_TRACES_EXPORTER=console \
+	  $(PY) -m otel_ebpf trace examples/build/nested $(DEMO_SYMBOLS) -- examples/build/nested 2 2
+
+test: setup examples
+	$(PY) -m pytest tests
+
+unit: setup examples
+	$(PY) -m pytest tests/unit
+
+e2e: setup examples
+	$(PY) -m pytest tests/e2e
+
+clean:
+	$(MAKE) -C examples clean
+	rm -rf .pytest_cache

@@ -1,0 +1,101 @@
+"""Command line: argv + environment -> Settings -> a subcommand; user errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from otel_ebpf import __version__, config, symbols
+from otel_ebpf.errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus a message; we want the project's one-line error instead."""
+
+    def error(self, message: str):
+        raise UserError(message, f"see `{self.prog} --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="otel-ebpf", description="Trace functions of unmodified programs as OpenTelemetry spans.",
+                     epilog="Configuration comes from OTEL_* environment variables; see README.md.")
+    parser.add_argument("--version", action="version", version=f"otel-ebpf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    trace = sub.add_parser("trace", help="trace SYMBOLs of BINARY",
+                           usage="otel-ebpf trace BINARY SYMBOL [SYMBOL ...] [--pid PID] [-- COMMAND [ARG ...]]",
+                           description="Trace SYMBOLs (names or glob patterns) of BINARY (an executable or "
+                           "shared library). With -- COMMAND: start it, trace it and exit with its status. "
+                           "With --pid: that process only. Otherwise every process running BINARY, until "
+                           "SIGINT/SIGTERM.")
+    trace.add_argument("binary", metavar="BINARY")
+    trace.add_argument("symbols", metavar="SYMBOL", nargs="+")
+    trace.add_argument("--pid", type=int, help="trace only this process")
+
+    run = sub.add_parser("run", help="sidecar mode: everything from the environment (OTEL_EBPF_PROBES, ...)")
+    run.add_argument("--probes", metavar="SPEC", help="BINARY:SYMBOL[,SYMBOL...][;...] (overrides OTEL_EBPF_PROBES)")
+    run.add_argument("--pid", type=int, help="trace only this process (overrides OTEL_EBPF_PID)")
+
+    syms = sub.add_parser("symbols", help="list the functions of BINARY that can be traced")
+    syms.add_argument("binary", metavar="BINARY")
+    syms.add_argument("pattern", metavar="PATTERN", nargs="?", help="glob over names, e.g. 'handle_*'")
+    return parser
+
+
+def _list_symbols(binary: str, pattern: str | None) -> int:
+    path = symbols.binary_path(binary)
+    found = symbols.resolve(path, [pattern]) if pattern else symbols.list_functions(path)
+    for s in found:
+        print(f"{s.address:#014x} {s.size:8d}  {s.demangled}")
+    return 0
+
+
+def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
+    from otel_ebpf import session
+    from otel_ebpf.command import Command
+    from otel_ebpf.probes import Probe
+
+    overrides = {}
+    if args.pid is not None:
+        overrides["pid"] = args.pid
+    if args.command == "trace":
+        overrides["probes"] = [config.ProbeSpec(args.binary, tuple(args.symbols))]
+    elif args.probes is not None:
+        overrides["probes"] = config.parse_probes(args.probes, source="--probes")
+    settings = config.load_settings(**overrides)
+    if not settings.probes:
+        raise UserError("nothing to trace: OTEL_EBPF_PROBES is empty",
+                        "set OTEL_EBPF_PROBES=BINARY:SYMBOL[,SYMBOL...] or use `otel-ebpf trace`")
+    if command_argv is not None and settings.pid:
+        raise UserError("--pid and -- COMMAND exclude each other", "use one of them")
+
+    probes = []
+    for spec in settings.probes:
+        path = symbols.binary_path(spec.binary)
+        probes += [Probe(path, s) for s in symbols.resolve(path, list(spec.symbols))]
+    command = Command(command_argv) if command_argv is not None else None
+    return session.run(settings, probes, command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_argv = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command_argv = argv[:cut], argv[cut + 1:]
+    logging.basicConfig(level=logging.WARNING, format="otel-ebpf: %(message)s")
+    try:
+        args = _parser().parse_args(argv)
+        if command_argv is not None and args.command != "trace":
+            raise UserError("-- COMMAND is only for `otel-ebpf trace`", "see `otel-ebpf trace --help`")
+        if args.command == "symbols":
+            return _list_symbols(args.binary, args.pattern)
+        return _trace(args, command_argv)
+    except UserError as err:
+        print(f"otel-ebpf: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,417 @@
+"""All settings of otel-ebpf, read and validated once at start-up.
+
+Precedence: arguments passed to :func:`load_settings` (the CLI's options) beat the
+environment, which beats the defaults. OTEL_* variables follow the OpenTelemetry SDK
+specification (empty values count as unset, durations are milliseconds, enum values are
+case-insensitive); OTEL_EBPF_* variables are our own. No other module reads the
+environment, and every bad value becomes one :class:`UserError` naming the variable.
+"""
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
+from opentelemetry.sdk.environment_variables import (
+    OTEL_BSP_EXPORT_TIMEOUT,
+    OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+    OTEL_BSP_MAX_QUEUE_SIZE,
+    OTEL_BSP_SCHEDULE_DELAY,
+    OTEL_EXPORTER_OTLP_CERTIFICATE,
+    OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
+    OTEL_EXPORTER_OTLP_CLIENT_KEY,
+    OTEL_EXPORTER_OTLP_COMPRESSION,
+    OTEL_EXPORTER_OTLP_ENDPOINT,
+    OTEL_EXPORTER_OTLP_HEADERS,
+    OTEL_EXPORTER_OTLP_INSECURE,
+    OTEL_EXPORTER_OTLP_PROTOCOL,
+    OTEL_EXPORTER_OTLP_TIMEOUT,
+    OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE,
+    OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE,
+    OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY,
+    OTEL_EXPORTER_OTLP_TRACES_COMPRESSION,
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    OTEL_EXPORTER_OTLP_TRACES_HEADERS,
+    OTEL_EXPORTER_OTLP_TRACES_INSECURE,
+    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+    OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+    OTEL_RESOURCE_ATTRIBUTES,
+    OTEL_SERVICE_NAME,
+)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from otel_ebpf.errors import UserError
+
+OTEL_EBPF_PROBES = "OTEL_EBPF_PROBES"
+"""What to trace: ``BINARY:SYMBOL[,SYMBOL...]`` entries separated by ``;``."""
+
+OTEL_EBPF_PID = "OTEL_EBPF_PID"
+"""Trace only this process id instead of every process running the binaries."""
+
+OTEL_EBPF_MAX_DEPTH = "OTEL_EBPF_MAX_DEPTH"
+"""How many nested probed calls are tracked per thread; deeper calls get no span."""
+
+OTEL_EBPF_MAX_THREADS = "OTEL_EBPF_MAX_THREADS"
+"""How many threads with probed calls in flight are tracked at once (LRU map size)."""
+
+OTEL_EBPF_RING_BUFFER_SIZE = "OTEL_EBPF_RING_BUFFER_SIZE"
+"""Size of the kernel-to-user ring buffer in bytes (suffix K or M allowed)."""
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One binary and the symbols in it to trace."""
+
+    binary: str
+    symbols: tuple[str, ...]
+
+
+_PROBES_HINT = "write BINARY:SYMBOL[,SYMBOL...], entries separated by ';', e.g. /usr/bin/app:main;libssl.so.3:SSL_read"
+# Operator names such as ``operator<<`` or ``operator,`` would otherwise look like brackets or separators.
+_OPERATOR = re.compile(r"\boperator\s*(<=>|<<=|>>=|<<|>>|<=|>=|->\*?|<|>|\(\)|\[\]|,)")
+_CLOSING = {")": "(", ">": "<", "]": "["}
+
+
+def _split_symbols(text: str) -> list[str] | None:
+    """Split at commas outside (), <> and []; None if those brackets do not balance."""
+    masked = _OPERATOR.sub(lambda m: "_" * len(m[0]), text)
+    parts, start, open_brackets = [], 0, []
+    for i, char in enumerate(masked):
+        if char in "(<[":
+            open_brackets.append(char)
+        elif char in _CLOSING:
+            if not open_brackets or open_brackets.pop() != _CLOSING[char]:
+                return None
+        elif char == "," and not open_brackets:
+            parts.append(text[start:i])
+            start = i + 1
+    if open_brackets:
+        return None
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
+
+
+def parse_probes(text: str, source: str = OTEL_EBPF_PROBES) -> list[ProbeSpec]:
+    """Parse ``BINARY:SYMBOL[,SYMBOL...]`` entries separated by ``;``.
+
+    The binary ends at the first ``:`` because C++ names contain ``::``; symbols are split
+    only at top-level commas because demangled names like ``f(int, char)`` contain some.
+    """
+    specs = []
+    for entry in (entry.strip() for entry in text.split(";")):
+        if not entry:
+            continue
+        binary, colon, rest = entry.partition(":")
+        if not colon:
+            raise UserError(f"{source}: entry {entry!r} has no ':' between binary and symbols", _PROBES_HINT)
+        if not binary.strip() or rest.startswith(":"):
+            raise UserError(f"{source}: entry {entry!r} names no binary", _PROBES_HINT)
+        symbols = _split_symbols(rest)
+        if symbols is None:
+            raise UserError(f"{source}: unbalanced brackets in {rest.strip()!r}", "check the (), <> and []")
+        if not symbols:
+            raise UserError(f"{source}: entry {entry!r} names no symbols", _PROBES_HINT)
+        specs.append(ProbeSpec(binary.strip(), tuple(symbols)))
+    return specs
+
+
+def _key_values(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` as the spec defines it for resource attributes and OTLP headers: percent-decoded."""
+    pairs = {}
+    for item in filter(str.strip, text.split(",")):
+        key, equals, value = item.partition("=")
+        key = unquote(key.strip())
+        if not equals or not key:
+            raise ValueError(f"{item.strip()!r} is not key=value (percent-encode ',' and '=' inside keys and values)")
+        pairs[key] = unquote(value.strip())
+    return pairs
+
+
+def _headers(text: str) -> dict[str, str]:
+    """Header names are case-insensitive and gRPC metadata keys must be lower case."""
+    return {key.lower(): value for key, value in _key_values(text).items()}
+
+
+def _milliseconds(text: str) -> float:
+    """The spec gives durations in milliseconds; we keep seconds, which the SDK's classes take."""
+    try:
+        return float(text) / 1000
+    except ValueError:
+        raise ValueError("expected a number of milliseconds") from None
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError("expected true or false")
+    return text.lower() == "true"
+
+
+def _protocol(text: str) -> str:
+    if text.lower() == "http/json":
+        raise ValueError("http/json is not supported, use http/protobuf (or grpc)")
+    return text.lower()
+
+
+_EXPORTERS = ("otlp", "console", "none")
+
+
+def _exporters(text: str) -> tuple[str, ...]:
+    """Comma-separated exporter names; ``none`` contributes nothing, so ``none`` alone exports nothing."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in _EXPORTERS:
+            raise ValueError(f"unknown exporter {name!r}, valid ones are {', '.join(_EXPORTERS)}")
+    return tuple(dict.fromkeys(name for name in names if name != "none"))
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
+
+
+def _byte_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([kKmM]?)", text)
+    if not match:
+        raise ValueError("expected a whole number of bytes, optionally with suffix K or M, e.g. 8M")
+    return int(match[1]) * _SIZE_UNITS[match[2].lower()]
+
+
+def _with_suffix(size: int) -> str:
+    for suffix, unit in (("M", 1 << 20), ("K", 1 << 10)):
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
+
+def _power_of_two(size: int) -> int:
+    """The kernel rejects BPF ring buffers whose size is not a power-of-two number of pages."""
+    if size < 4096 or size & (size - 1):
+        lower = 1 << max(size.bit_length() - 1, 12)
+        nearest = lower if size - lower <= 2 * lower - size else 2 * lower
+        raise ValueError(f"must be a power of two >= 4096, nearest valid value is {_with_suffix(nearest)}")
+    return size
+
+
+def _existing_file(path: str) -> str:
+    """Fail at start-up rather than at the first export, which may be minutes later."""
+    if not os.path.isfile(path):
+        raise ValueError("no such file")
+    return path
+
+
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+ExistingFile = Annotated[str, AfterValidator(_existing_file)]
+
+
+class OtlpSettings(BaseModel):
+    """Where and how the OTLP exporter sends spans; ``endpoint`` is final, exporters use it as-is."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
+    endpoint: str = Field("", validate_default=True)
+    headers: dict[str, str] = {}
+    timeout_s: Seconds = 10.0
+    compression: Literal["gzip", "none"] = "none"
+    insecure: bool = Field(False, validate_default=True)
+    certificate: ExistingFile | None = None
+    client_key: ExistingFile | None = None
+    client_certificate: ExistingFile | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, endpoint: str, info: ValidationInfo) -> str:
+        """An empty endpoint means the spec's default for the protocol."""
+        grpc = info.data.get("protocol") == "grpc"
+        if not endpoint:
+            return "http://localhost:4317" if grpc else "http://localhost:4318/v1/traces"
+        url = urlsplit(endpoint)
+        if not grpc and not (url.scheme in ("http", "https") and url.netloc):
+            raise ValueError("expected an http:// or https:// URL")
+        if "://" in endpoint and url.scheme not in ("http", "https"):
+            raise ValueError("the scheme must be http or https")
+        return endpoint
+
+    @field_validator("insecure")
+    @classmethod
+    def _scheme_decides(cls, insecure: bool, info: ValidationInfo) -> bool:
+        """The spec lets an http:// or https:// scheme take precedence over the insecure setting."""
+        scheme = urlsplit(info.data.get("endpoint", "")).scheme
+        return scheme == "http" if scheme in ("http", "https") else insecure
+
+
+class Settings(BaseModel):
+    """Everything the tracer needs; built by :func:`load_settings`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    probes: list[ProbeSpec] = []
+    pid: Annotated[int, Field(gt=0)] | None = None
+    service_name: str | None = None
+    resource_attributes: dict[str, str] = {}
+    traces_exporters: tuple[Literal["otlp", "console"], ...] = ("console",)
+    otlp: OtlpSettings = OtlpSettings()
+    bsp_schedule_delay_s: Seconds = 5.0
+    bsp_max_export_batch_size: Annotated[int, Field(gt=0)] = 512
+    bsp_max_queue_size: Annotated[int, Field(gt=0)] = 2048
+    bsp_export_timeout_s: Seconds = 30.0
+    max_depth: Annotated[int, Field(ge=1, le=128)] = 32
+    max_threads: Annotated[int, Field(ge=64, le=1 << 20)] = 16384
+    ring_buffer_size: Annotated[int, AfterValidator(_power_of_two)] = 8 << 20
+
+    @model_validator(mode="after")
+    def _batch_fits_queue(self) -> "Settings":
+        if self.bsp_max_export_batch_size > self.bsp_max_queue_size:
+            raise UserError(
+                f"{OTEL_BSP_MAX_EXPORT_BATCH_SIZE}={self.bsp_max_export_batch_size} is larger than "
+                f"{OTEL_BSP_MAX_QUEUE_SIZE}={self.bsp_max_queue_size}",
+                "a batch is taken from the queue, so make the batch size at most the queue size",
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class _Var:
+    """One setting read from the environment: the first of ``names`` that is set wins."""
+
+    field: str
+    names: tuple[str, ...]
+    default: str | None
+    meaning: str
+    parse: Callable[[str], Any] = str
+
+
+# The only list of variables: load_settings reads them and SETTINGS_DOC documents them.
+_VARS = (
+    _Var("probes", (OTEL_EBPF_PROBES,), None,
+         "What to trace: BINARY:SYMBOL[,SYMBOL...] entries separated by ';'.", parse_probes),
+    _Var("pid", (OTEL_EBPF_PID,), None, "Trace only this process id."),
+    _Var("service_name", (OTEL_SERVICE_NAME,), None, "service.name of the spans' resource."),
+    _Var("resource_attributes", (OTEL_RESOURCE_ATTRIBUTES,), None,
+         "Resource attributes, k=v,k2=v2, percent-encoded.", _key_values),
+    _Var("traces_exporters", (OTEL_TRACES_EXPORTER,), None,
+         "Comma-separated otlp, console, none. Default: otlp if an OTLP endpoint variable is set, else console.",
+         _exporters),
+    _Var("otlp.protocol", (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL), "http/protobuf",
+         "grpc or http/protobuf.", _protocol),
+    _Var("otlp.endpoint", (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT), None,
+         f"Collector URL; for http/protobuf /v1/traces is appended (not to {OTEL_EXPORTER_OTLP_TRACES_ENDPOINT}). "
+         "Default http://localhost:4318 (grpc: http://localhost:4317)."),
+    _Var("otlp.headers", (OTEL_EXPORTER_OTLP_TRACES_HEADERS, OTEL_EXPORTER_OTLP_HEADERS), None,
+         "Request headers, k=v,k2=v2, percent-encoded.", _headers),
+    _Var("otlp.timeout_s", (OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT), "10000",
+         "Export request timeout, ms.", _milliseconds),
+    _Var("otlp.compression", (OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, OTEL_EXPORTER_OTLP_COMPRESSION), "none",
+         "gzip or none.", str.lower),
+    _Var("otlp.insecure", (OTEL_EXPORTER_OTLP_TRACES_INSECURE, OTEL_EXPORTER_OTLP_INSECURE), "false",
+         "true: grpc without TLS; only used when the endpoint has no http:// or https:// scheme.", _boolean),
+    _Var("otlp.certificate", (OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE, OTEL_EXPORTER_OTLP_CERTIFICATE), None,
+         "CA certificate file to verify the collector."),
+    _Var("otlp.client_key", (OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY, OTEL_EXPORTER_OTLP_CLIENT_KEY), None,
+         "Client private key file for mTLS."),
+    _Var("otlp.client_certificate",
+         (OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE), None,
+         "Client certificate file for mTLS."),
+    _Var("bsp_schedule_delay_s", (OTEL_BSP_SCHEDULE_DELAY,), "5000",
+         "Delay between two batch exports, ms.", _milliseconds),
+    _Var("bsp_max_export_batch_size", (OTEL_BSP_MAX_EXPORT_BATCH_SIZE,), "512",
+         "Most spans per export; at most the queue size."),
+    _Var("bsp_max_queue_size", (OTEL_BSP_MAX_QUEUE_SIZE,), "2048", "Most spans waiting for export; more are dropped."),
+    _Var("bsp_export_timeout_s", (OTEL_BSP_EXPORT_TIMEOUT,), "30000",
+         "Longest a batch export may take, ms.", _milliseconds),
+    _Var("max_depth", (OTEL_EBPF_MAX_DEPTH,), "32",
+         "Nested probed calls tracked per thread (1-128); deeper ones get no span."),
+    _Var("max_threads", (OTEL_EBPF_MAX_THREADS,), "16384",
+         "Threads with probed calls in flight tracked at once (64-1048576)."),
+    _Var("ring_buffer_size", (OTEL_EBPF_RING_BUFFER_SIZE,), "8M",
+         "Kernel-to-user ring buffer, bytes (K/M suffix), a power of two >= 4096.", _byte_size),
+)
+
+
+def _doc_rows() -> list[tuple[str, str, str]]:
+    rows = []
+    for var in _VARS:
+        *specific, general = var.names
+        rows.append((general, var.default or "", var.meaning))
+        rows += [(name, var.default or "", f"Like {general}, for traces only; wins over it.") for name in specific]
+    return rows
+
+
+SETTINGS_DOC: list[tuple[str, str, str]] = _doc_rows()
+"""(variable, default, meaning) for every variable read, for the README and ``--help``."""
+
+
+def _invalid(var: _Var | None, name: str, value: object, reason: str) -> UserError:
+    if var is None:
+        return UserError(f"{name}={value!r} is invalid: {reason}", f"check the value given for {name}")
+    default = f" to use the default {var.default}" if var.default else ""
+    return UserError(f"{name}={value!r} is invalid: {reason}", f"fix {name} or unset it{default}")
+
+
+def _lookup(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first of ``names`` with a value; the spec treats empty values as unset."""
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            return name, value
+    return None
+
+
+def _from_validation_error(exc: ValidationError, found: dict[str, tuple[_Var, str, str]]) -> UserError:
+    """Name the environment variable (or argument) and the value the user gave, not pydantic's field path."""
+    error = exc.errors()[0]
+    reason = str(error["ctx"]["error"]) if "error" in error.get("ctx", {}) else error["msg"]
+    path = [str(part) for part in error["loc"]]
+    for depth in range(len(path), 0, -1):
+        if ".".join(path[:depth]) in found:
+            var, name, text = found[".".join(path[:depth])]
+            return _invalid(var, name, text, reason)
+    return _invalid(None, ".".join(path), error["input"], reason)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from ``overrides`` (None means not given), then ``environ`` (default os.environ), then defaults.
+
+    Raises UserError naming the variable and its value for anything invalid.
+    """
+    environ = os.environ if environ is None else environ
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if unknown := overrides.keys() - Settings.model_fields.keys():
+        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {"otlp": {}}
+    found: dict[str, tuple[_Var, str, str]] = {}
+    for var in _VARS:
+        hit = _lookup(environ, var.names)
+        if var.field in overrides or (hit is None and var.default is None):
+            continue
+        name, text = hit or (var.names[-1], var.default)
+        try:
+            value = var.parse(text)
+        except ValueError as exc:
+            raise _invalid(var, name, text, str(exc)) from None
+        if hit:
+            found[var.field] = (var, name, text)
+        group, _, key = var.field.rpartition(".")
+        (values[group] if group else values)[key] = value
+
+    endpoint = found.get("otlp.endpoint")
+    if endpoint and endpoint[1] == OTEL_EXPORTER_OTLP_ENDPOINT and values["otlp"]["protocol"] == "http/protobuf":
+        values["otlp"]["endpoint"] = endpoint[2].rstrip("/") + "/v1/traces"
+    if "traces_exporters" not in found and "traces_exporters" not in overrides:
+        values["traces_exporters"] = ("otlp",) if endpoint else ("console",)
+
+    values.update(overrides)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise _from_validation_error(exc, found) from None

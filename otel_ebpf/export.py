@@ -1,0 +1,507 @@
+"""Moving already-encoded OTLP trace requests to a collector, and batching between tracer and network.
+
+The span encoder upstream produces ExportTraceServiceRequest bytes directly, so nothing here builds
+SDK span objects: transports send bytes, sinks receive batches, and one background thread does all
+network I/O so the ring-buffer drain loop never waits on a collector.
+
+Retry rules follow the OTLP specification: HTTP 429/502/503/504 and connection failures are retried,
+other HTTP errors are not; gRPC retries CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE,
+UNAVAILABLE, DATA_LOSS, and RESOURCE_EXHAUSTED only when the server sent RetryInfo. Server hints
+(Retry-After, RetryInfo) are honoured; otherwise backoff is exponential with jitter.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import email.utils
+import functools
+import gzip
+import logging
+import random
+import re
+import sys
+import threading
+import time
+from typing import Callable, Protocol, TextIO
+from urllib.parse import urlsplit
+
+import grpc
+import requests
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from otel_ebpf import __version__
+from otel_ebpf.errors import UserError
+
+logger = logging.getLogger("otel_ebpf.export")
+
+USER_AGENT = f"otel-ebpf/{__version__}"
+_GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+_RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+_RETRYABLE_GRPC = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_COMPRESSIONS = ("none", "gzip")
+
+
+class ExportError(Exception):
+    """A batch could not be delivered, after any retries; the message is one short line."""
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way the spec says to retry; ``after_s`` is the server's hint."""
+
+    def __init__(self, reason: str, after_s: float | None = None):
+        super().__init__(reason)
+        self.after_s = after_s
+
+
+class _Transport(abc.ABC):
+    """The retry loop both OTLP transports share; subclasses make one attempt."""
+
+    def __init__(self, endpoint: str, timeout_s: float, compression: str, backoff_s: float, max_backoff_s: float):
+        if compression not in _COMPRESSIONS:
+            raise UserError(f"unknown OTLP compression {compression!r}", hint="use 'gzip' or 'none'")
+        self.endpoint = endpoint
+        self.rejected_spans = 0
+        self._timeout_s = timeout_s
+        self._gzip = compression == "gzip"
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._closed = threading.Event()
+        self._warned_rejection = False
+
+    def send(self, payload: bytes, deadline: float) -> int:
+        """Deliver one ExportTraceServiceRequest before ``deadline`` (a time.monotonic() value).
+
+        Returns how many spans the server rejected as a partial success (0 normally); these are
+        not retried, as the spec requires. Raises ExportError when delivery is impossible.
+        """
+        backoff = self._backoff_s
+        while True:
+            if self._closed.is_set():
+                raise ExportError(f"{self.endpoint}: exporter closed")
+            timeout = min(self._timeout_s, deadline - time.monotonic())
+            if timeout <= 0:
+                raise ExportError(f"{self.endpoint}: export deadline passed")
+            try:
+                response = self._attempt(payload, timeout)
+            except _Retryable as failure:
+                wait = max(failure.after_s or 0.0, backoff * random.uniform(0.8, 1.2))
+                if time.monotonic() + wait >= deadline:
+                    raise ExportError(f"{self.endpoint}: {failure} (retries exhausted by the export deadline)") from None
+                if self._closed.wait(wait):
+                    raise ExportError(f"{self.endpoint}: {failure} (exporter closed)") from None
+                backoff = min(backoff * 2, self._max_backoff_s)
+                continue
+            return self._note_partial_success(response)
+
+    def export(self, batch: Batch, deadline: float) -> int:
+        """Sink interface: send the batch's encoded bytes."""
+        return self.send(batch.payload, deadline)
+
+    def close(self) -> None:
+        """Stop any retry wait in progress and release connections."""
+        self._closed.set()
+
+    @abc.abstractmethod
+    def _attempt(self, payload: bytes, timeout_s: float) -> ExportTraceServiceResponse:
+        """One request: return the response, raise _Retryable or ExportError."""
+
+    def _note_partial_success(self, response: ExportTraceServiceResponse) -> int:
+        rejected = response.partial_success.rejected_spans
+        if rejected > 0:
+            self.rejected_spans += rejected
+            if not self._warned_rejection:
+                self._warned_rejection = True
+                logger.warning(
+                    "%s rejected %d spans: %s (further rejections are only counted)",
+                    self.endpoint, rejected, response.partial_success.error_message or "no reason given",
+                )
+        return rejected
+
+
+class HttpTransport(_Transport):
+    """OTLP/HTTP with binary protobuf, over one keep-alive requests.Session."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        headers: dict[str, str],
+        timeout_s: float,
+        compression: str = "none",
+        certificate: str | None = None,
+        client_key: str | None = None,
+        client_certificate: str | None = None,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 32.0,
+    ):
+        super().__init__(endpoint, timeout_s, compression, backoff_s, max_backoff_s)
+        self._session = requests.Session()
+        self._session.headers.update(
+            {"User-Agent": USER_AGENT, **headers, "Content-Type": "application/x-protobuf"}
+        )
+        if self._gzip:
+            self._session.headers["Content-Encoding"] = "gzip"
+        _check_readable(certificate, client_key, client_certificate)
+        # Passed per request: requests lets REQUESTS_CA_BUNDLE override a Session's verify setting.
+        self._verify = certificate or True
+        self._cert = (client_certificate, client_key) if client_certificate and client_key else client_certificate
+
+    def send(self, payload: bytes, deadline: float) -> int:
+        """As _Transport.send; the body is compressed once, not per attempt."""
+        return super().send(gzip.compress(payload) if self._gzip else payload, deadline)
+
+    def _attempt(self, body: bytes, timeout_s: float) -> ExportTraceServiceResponse:
+        try:
+            response = self._session.post(
+                self.endpoint, data=body, timeout=timeout_s, verify=self._verify, cert=self._cert
+            )
+        except requests.exceptions.SSLError as exc:
+            raise ExportError(f"{self.endpoint}: TLS error: {_short_reason(exc)}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retryable(_short_reason(exc)) from None
+        if response.status_code in _RETRYABLE_HTTP:
+            raise _Retryable(f"HTTP {response.status_code}", _parse_retry_after(response.headers.get("Retry-After")))
+        if not response.ok:
+            raise ExportError(f"{self.endpoint}: HTTP {response.status_code} {_status_message(response.content)}".rstrip())
+        try:
+            return ExportTraceServiceResponse.FromString(response.content)
+        except Exception:  # a 200 with an unreadable body still means the data was accepted
+            return ExportTraceServiceResponse()
+
+    def close(self) -> None:
+        super().close()
+        self._session.close()
+
+
+class GrpcTransport(_Transport):
+    """OTLP/gRPC sending pre-encoded request bytes through a raw unary call (no re-serialization)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        headers: dict[str, str],
+        timeout_s: float,
+        compression: str = "none",
+        certificate: str | None = None,
+        client_key: str | None = None,
+        client_certificate: str | None = None,
+        insecure: bool = False,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 32.0,
+    ):
+        """``http://`` means plaintext and ``https://`` TLS; ``insecure`` decides only without a scheme."""
+        super().__init__(endpoint, timeout_s, compression, backoff_s, max_backoff_s)
+        target, use_tls = _grpc_target(endpoint, insecure)
+        options = [
+            ("grpc.primary_user_agent", USER_AGENT),
+            # A local collector restarting should be reached again within seconds, not after
+            # gRPC's default reconnect backoff of up to two minutes.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ]
+        compression_algorithm = grpc.Compression.Gzip if self._gzip else grpc.Compression.NoCompression
+        if use_tls:
+            _check_readable(certificate, client_key, client_certificate)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(certificate),
+                private_key=_read(client_key),
+                certificate_chain=_read(client_certificate),
+            )
+            self._channel = grpc.secure_channel(target, credentials, options, compression_algorithm)
+        else:
+            self._channel = grpc.insecure_channel(target, options, compression_algorithm)
+        self._export = self._channel.unary_unary(
+            _GRPC_METHOD, request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString
+        )
+        self._metadata = [(name.lower(), value) for name, value in headers.items()]
+
+    def _attempt(self, payload: bytes, timeout_s: float) -> ExportTraceServiceResponse:
+        try:
+            return self._export(payload, timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            reason = f"gRPC {code.name}: {exc.details()}"
+            retry_delay = _grpc_retry_delay(exc.trailing_metadata())
+            if code in _RETRYABLE_GRPC or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_delay is not None):
+                raise _Retryable(reason, retry_delay) from None
+            raise ExportError(f"{self.endpoint}: {reason}") from None
+
+    def close(self) -> None:
+        super().close()
+        self._channel.close()
+
+
+def _grpc_target(endpoint: str, insecure: bool) -> tuple[str, bool]:
+    """gRPC target ("host:port") and whether to use TLS, from an OTLP endpoint setting."""
+    if "://" not in endpoint:
+        return endpoint.rstrip("/"), not insecure
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"bad OTLP/gRPC endpoint {endpoint!r}", hint="use http://host:port, https://host:port or host:port")
+    return parts.netloc, parts.scheme == "https"
+
+
+def _grpc_retry_delay(trailing_metadata) -> float | None:
+    """Seconds from a RetryInfo in the rich error status (grpc-status-details-bin), if any."""
+    for key, value in trailing_metadata or ():
+        if key != "grpc-status-details-bin":
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:
+            return None
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _status_message(body: bytes) -> str:
+    """The message of a google.rpc.Status error body, or '' if the body is something else."""
+    try:
+        return status_pb2.Status.FromString(body).message
+    except Exception:
+        return ""
+
+
+def _short_reason(exc: Exception) -> str:
+    """'Connection refused' instead of requests' multi-level exception text."""
+    if isinstance(exc, requests.Timeout):
+        return "request timed out"
+    text = " ".join(str(exc).split())
+    cause = re.search(r"\[(?:Errno -?\d+|SSL: \w+)\] ([^'\")\]]+)", text)
+    return cause.group(1).strip() if cause else text[:160]
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _check_readable(*paths: str | None) -> None:
+    """Report a missing TLS file at startup, not as a failed export later."""
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            _read(path)
+        except OSError as exc:
+            raise UserError(f"cannot read TLS file {path}: {exc.strerror}", hint="check the OTLP certificate settings") from None
+
+
+# ----- batching
+
+
+class Batch:
+    """Items exported together; encoded at most once, however many sinks need the bytes."""
+
+    def __init__(self, items: list, encode: Callable[[list], bytes] | None):
+        self.items = items
+        self._encode = encode
+
+    @functools.cached_property
+    def payload(self) -> bytes:
+        if self._encode is None:
+            raise ExportError("no OTLP encoder configured")
+        return self._encode(self.items)
+
+
+class Sink(Protocol):
+    def export(self, batch: Batch, deadline: float) -> int | None:
+        """Deliver the batch or raise; may return how many items the destination rejected."""
+
+    def close(self) -> None: ...
+
+
+class ConsoleSink:
+    """Writes one line per item, for --console and debugging without a collector."""
+
+    def __init__(self, format: Callable[[object], str], stream: TextIO | None = None):
+        self._format = format
+        self._stream = stream if stream is not None else sys.stdout
+
+    def export(self, batch: Batch, deadline: float) -> int:
+        self._stream.write("".join(f"{self._format(item)}\n" for item in batch.items))
+        self._stream.flush()
+        return 0
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+class _FailureReport:
+    """Turns a stream of export failures into a first warning, periodic summaries and a recovery note."""
+
+    def __init__(self, interval_s: float):
+        self._interval_s = interval_s
+        self._failing = False
+        self._window_start = 0.0
+        self._batches = 0
+        self._spans = 0
+        self._total_batches = 0
+
+    def failed(self, spans: int, reason: str) -> None:
+        now = time.monotonic()
+        self._total_batches += 1
+        if not self._failing:
+            self._failing = True
+            self._window_start = now
+            logger.warning(
+                "span export failed, %d spans dropped: %s (repeats are summarised every %gs)",
+                spans, reason, self._interval_s,
+            )
+            return
+        self._batches += 1
+        self._spans += spans
+        if now - self._window_start >= self._interval_s:
+            logger.warning(
+                "%d batches / %d spans failed in the last %gs: %s",
+                self._batches, self._spans, self._interval_s, reason,
+            )
+            self._window_start = now
+            self._batches = self._spans = 0
+
+    def succeeded(self) -> None:
+        if self._failing:
+            logger.warning("span export recovered after %d failed batches", self._total_batches)
+            self._failing = False
+            self._batches = self._spans = self._total_batches = 0
+
+
+class BatchProcessor:
+    """Bounded queue between the ring-buffer drain loop (producer, must never block) and one export thread."""
+
+    def __init__(
+        self,
+        encode: Callable[[list], bytes] | None,
+        sinks: list[Sink],
+        max_queue_size: int,
+        max_batch_size: int,
+        schedule_delay_s: float,
+        export_timeout_s: float,
+        report_interval_s: float = 30.0,
+    ):
+        self._encode = encode
+        self._sinks = sinks
+        self._max_queue_size = max_queue_size
+        self._max_batch_size = max_batch_size
+        self._schedule_delay_s = schedule_delay_s
+        self._export_timeout_s = export_timeout_s
+        self._report = _FailureReport(report_interval_s)
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._stop_deadline: float | None = None
+        self._exported = self._dropped_full = self._dropped_shutdown = self._failed = self._rejected = 0
+        self._thread = threading.Thread(target=self._run, name="otel-ebpf-export", daemon=True)
+        self._thread.start()
+
+    def add(self, items: list) -> None:
+        """Queue items without blocking; what does not fit is dropped and counted."""
+        with self._cond:
+            if self._stop_deadline is not None:
+                self._dropped_shutdown += len(items)
+                return
+            room = self._max_queue_size - len(self._queue)
+            if len(items) > room:
+                self._dropped_full += len(items) - room
+                items = items[:room]
+            self._queue.extend(items)
+            if len(self._queue) >= self._max_batch_size:
+                self._cond.notify()
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Export everything queued within ``timeout_s``, then close the sinks; later calls do nothing."""
+        with self._cond:
+            if self._stop_deadline is not None:
+                return
+            self._stop_deadline = time.monotonic() + timeout_s
+            self._cond.notify()
+        self._thread.join(timeout_s)
+        # Closing interrupts a retry still waiting on a dead collector; the thread then ends quickly.
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                logger.debug("closing %r failed: %s", sink, exc)
+        self._thread.join(1.0)
+        with self._cond:
+            self._dropped_shutdown += len(self._queue)
+            self._queue.clear()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "exported": self._exported,
+                "dropped_full": self._dropped_full,
+                "dropped_shutdown": self._dropped_shutdown,
+                "failed": self._failed,
+                "rejected": self._rejected,
+            }
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if len(self._queue) < self._max_batch_size and self._stop_deadline is None:
+                    self._cond.wait(self._schedule_delay_s)
+                take = min(len(self._queue), self._max_batch_size)
+                items = [self._queue.popleft() for _ in range(take)]
+                stopping = self._stop_deadline is not None
+                if not items and stopping:
+                    return
+            if items:
+                self._export(items)
+
+    def _export(self, items: list) -> None:
+        deadline = time.monotonic() + self._export_timeout_s
+        if self._stop_deadline is not None:
+            deadline = min(deadline, self._stop_deadline)
+        batch = Batch(items, self._encode)
+        failure = None
+        rejected = 0
+        for sink in self._sinks:
+            try:
+                rejected += sink.export(batch, deadline) or 0
+            except ExportError as exc:
+                failure = str(exc)
+            except Exception as exc:  # a bug in a sink or the encoder must not end the export thread
+                logger.debug("export to %r raised", sink, exc_info=True)
+                failure = f"{type(exc).__name__}: {exc}"
+        with self._cond:
+            self._rejected += rejected
+            if failure is None:
+                self._exported += len(items)
+            else:
+                self._failed += len(items)
+        if failure is None:
+            self._report.succeeded()
+        else:
+            self._report.failed(len(items), failure)

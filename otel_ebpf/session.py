@@ -1,0 +1,113 @@
+"""One tracing session: attach, drain the ring buffer into the exporters, shut down without losing spans."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import TextIO
+
+from otel_ebpf.clock import WallClock
+from otel_ebpf.command import Command
+from otel_ebpf.config import Settings
+from otel_ebpf.export import BatchProcessor, ConsoleSink, GrpcTransport, HttpTransport
+from otel_ebpf.probes import Probe, ProbeSet
+from otel_ebpf.spans import ProbeInfo, ProcessInfo, SpanEncoder
+
+# How often the ring buffer is read when the kernel has not woken us: bounds the delay of the last
+# events of a quiet period (the kernel wakes us once per batch of events, not per event).
+POLL_S = 0.05
+
+
+def _sinks(settings: Settings, encoder: SpanEncoder, console: TextIO) -> list:
+    sinks = []
+    for name in settings.traces_exporters:
+        if name == "console":
+            sinks.append(ConsoleSink(encoder.format, console))
+        elif name == "otlp":
+            o = settings.otlp
+            tls = dict(certificate=o.certificate, client_key=o.client_key, client_certificate=o.client_certificate)
+            if o.protocol == "grpc":
+                sinks.append(GrpcTransport(o.endpoint, o.headers, o.timeout_s, o.compression, insecure=o.insecure, **tls))
+            else:
+                sinks.append(HttpTransport(o.endpoint, o.headers, o.timeout_s, o.compression, **tls))
+    return sinks
+
+
+def _describe(settings: Settings) -> str:
+    names = []
+    for name in settings.traces_exporters:
+        names.append(f"otlp {settings.otlp.protocol} {settings.otlp.endpoint}" if name == "otlp" else name)
+    return ", ".join(names) or "nowhere (OTEL_TRACES_EXPORTER=none)"
+
+
+def run(settings: Settings, probes: list[Probe], command: Command | None = None,
+        console: TextIO = sys.stdout, log: TextIO = sys.stderr) -> int:
+    """Trace until the command exits (returning its status) or SIGINT/SIGTERM arrives (returning 0)."""
+    probe_set = ProbeSet(probes, max_depth=settings.max_depth, max_threads=settings.max_threads,
+                         ring_buffer_size=settings.ring_buffer_size)
+    try:
+        pid = command.spawn_paused() if command else settings.pid
+        try:
+            probe_set.attach(pid)
+        except BaseException:
+            if command:
+                command.abandon()
+            raise
+        encoder = SpanEncoder([ProbeInfo(p.symbol.demangled, p.binary) for p in probes], WallClock(),
+                              settings.service_name, settings.resource_attributes)
+        if command:
+            encoder.remember_process(ProcessInfo(pid, command.path, " ".join(command.argv)))
+        processor = BatchProcessor(
+            encoder.encode,
+            _sinks(settings, encoder, console),
+            max_queue_size=settings.bsp_max_queue_size,
+            max_batch_size=settings.bsp_max_export_batch_size,
+            schedule_delay_s=settings.bsp_schedule_delay_s,
+            export_timeout_s=settings.bsp_export_timeout_s,
+        )
+        stop = threading.Event()
+
+        def on_signal(signum, _frame):
+            stop.set()
+            if command:
+                command.signal(signum)  # the command decides when to end; we trace until it does
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        ring = probe_set.ring()
+        try:
+            functions = ", ".join(sorted({p.symbol.demangled for p in probes}))
+            target = f"pid {pid}" if pid else "all processes"
+            print(f"otel-ebpf: tracing {len(probes)} function(s) [{functions}] in {target}; "
+                  f"exporting to {_describe(settings)}", file=log, flush=True)
+            if command:
+                command.release()
+            while not (command.poll() is not None if command else stop.is_set()):
+                ring.wait(POLL_S)
+                _drain(ring, encoder, processor)
+            _drain(ring, encoder, processor)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            ring.close()
+            processor.shutdown(settings.bsp_export_timeout_s)
+            _summarise(processor.stats, probe_set.counters(), log)
+        return command.exit_status if command else 0
+    finally:
+        probe_set.close()
+
+
+def _drain(ring, encoder: SpanEncoder, processor: BatchProcessor) -> None:
+    batch = ring.read()
+    if batch:
+        encoder.see(batch)
+        processor.add(batch)
+    encoder.clock.maybe_refresh()
+
+
+def _summarise(stats: dict, kernel: dict, log: TextIO) -> None:
+    lost = kernel["events_lost"] + stats["dropped_full"] + stats["failed"]
+    print(f"otel-ebpf: {stats['exported']} spans exported, {lost} lost "
+          f"(ring buffer full: {kernel['events_lost']}, export queue full: {stats['dropped_full']}, "
+          f"export failed: {stats['failed']}); calls not recorded: {kernel['depth_exceeded']} nested deeper "
+          f"than OTEL_EBPF_MAX_DEPTH, {kernel['unmatched_return']} unmatched returns", file=log, flush=True)

@@ -1,0 +1,188 @@
+"""Span events -> OTLP.
+
+Spans are encoded straight into ExportTraceServiceRequest protobuf bytes: building an SDK span object per
+call costs far more than the call being traced. Everything that does not change per call (names,
+attributes of a probe, a process's resource) is encoded once and reused.
+Field numbers: opentelemetry/proto/{collector/trace/v1/trace_service,trace/v1/trace,common/v1/common}.proto.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+from otel_ebpf import __version__
+from otel_ebpf.clock import WallClock
+from otel_ebpf.events import SpanEvent
+
+SCOPE_NAME = "otel-ebpf"
+SPAN_KIND_INTERNAL = 1
+_NO_PARENT = bytes(8)
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def any_value(value: str | int | bool) -> bytes:
+    if isinstance(value, bool):
+        return varint(2 << 3) + varint(int(value))
+    if isinstance(value, int):
+        return varint(3 << 3) + varint(value & 0xFFFFFFFFFFFFFFFF)
+    return field(1, str(value).encode())
+
+
+def attribute(key: str, value: str | int | bool) -> bytes:
+    """A KeyValue, wrapped as field `attributes` (number 9 in Span, 1 in Resource)."""
+    return field(1, key.encode()) + field(2, any_value(value))
+
+
+def attributes(number: int, attrs: dict[str, str | int | bool]) -> bytes:
+    return b"".join(field(number, attribute(k, v)) for k, v in attrs.items())
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    """What user space knows about a probe id: the function and the file it lives in."""
+
+    function: str
+    binary: str
+
+    def encoded(self) -> bytes:
+        """Span fields shared by every call of this function: name, kind, attributes."""
+        return (
+            field(5, self.function.encode())
+            + varint(6 << 3) + varint(SPAN_KIND_INTERNAL)
+            + attributes(9, {"code.function.name": self.function, "code.file.path": self.binary})
+        )
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Identity of a traced process, read from /proc when its first span arrives."""
+
+    pid: int
+    executable: str
+    command_line: str
+
+    @classmethod
+    def read(cls, pid: int, fallback_executable: str) -> ProcessInfo:
+        """Best effort: a process may already have exited (or be a zombie) when we look."""
+        try:
+            executable = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            executable = fallback_executable
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command_line = " ".join(a.decode(errors="replace") for a in f.read().split(b"\0") if a)
+        except OSError:
+            command_line = ""
+        return cls(pid, executable, command_line or executable)
+
+
+class SpanEncoder:
+    """Turns batches of SpanEvents into OTLP ExportTraceServiceRequest bytes, one ResourceSpans per process."""
+
+    def __init__(self, probes: list[ProbeInfo], clock: WallClock, service_name: str | None = None,
+                 resource_attributes: dict[str, str] | None = None):
+        self.probes = probes
+        self.clock = clock
+        self._service_name = service_name
+        self._resource_attributes = dict(resource_attributes or {})
+        self._host = socket.gethostname()
+        self._probe_fields = [p.encoded() for p in probes]
+        self._scope = field(1, field(1, SCOPE_NAME.encode()) + field(2, __version__.encode()))
+        self._processes: dict[int, ProcessInfo] = {}
+        self._resources: dict[int, bytes] = {}
+        self._thread_fields: dict[tuple[int, int], bytes] = {}
+
+    def remember_process(self, info: ProcessInfo) -> None:
+        self._processes[info.pid] = info
+        self._resources.pop(info.pid, None)
+
+    def see(self, events: Iterable[SpanEvent]) -> None:
+        """Capture the identity of processes new to us while they are (most likely) still alive."""
+        for event in events:
+            if event.pid not in self._processes:
+                binary = self.probes[event.probe_id].binary
+                self._processes[event.pid] = ProcessInfo.read(event.pid, binary)
+
+    def resource_attributes(self, pid: int) -> dict[str, str | int]:
+        info = self._processes.get(pid) or ProcessInfo(pid, "", "")
+        attrs: dict[str, str | int] = dict(self._resource_attributes)
+        attrs.update({
+            "service.name": self._service_name
+            or self._resource_attributes.get("service.name")
+            or os.path.basename(info.executable) or "unknown_service",
+            "process.pid": pid,
+            "process.executable.path": info.executable,
+            "process.command_line": info.command_line,
+            "host.name": self._host,
+            "telemetry.distro.name": SCOPE_NAME,
+            "telemetry.distro.version": __version__,
+        })
+        return attrs
+
+    def _resource(self, pid: int) -> bytes:
+        resource = self._resources.get(pid)
+        if resource is None:
+            resource = self._resources[pid] = field(1, attributes(1, self.resource_attributes(pid)))
+        return resource
+
+    def _thread(self, pid: int, tid: int) -> bytes:
+        key = (pid, tid)
+        encoded = self._thread_fields.get(key)
+        if encoded is None:
+            encoded = self._thread_fields[key] = attributes(9, {"thread.id": tid, "process.pid": pid})
+        return encoded
+
+    def encode(self, events: list[SpanEvent]) -> bytes:
+        """One ExportTraceServiceRequest for a batch."""
+        offset = self.clock.offset_ns
+        probe_fields, times = self._probe_fields, _TIMES.pack
+        by_pid: dict[int, list[bytes]] = {}
+        for e in events:
+            body = b"".join((
+                b"\x0a\x10", e.trace_id, b"\x12\x08", e.span_id,
+                b"" if e.parent_span_id == _NO_PARENT else b"\x22\x08" + e.parent_span_id,
+                probe_fields[e.probe_id],
+                times(0x39, e.start_ns + offset, 0x41, e.end_ns + offset),
+                self._thread(e.pid, e.tid),
+            ))
+            spans = by_pid.get(e.pid)
+            if spans is None:
+                spans = by_pid[e.pid] = []
+            spans.append(b"\x12" + varint(len(body)) + body)
+        return b"".join(
+            field(1, self._resource(pid) + field(2, self._scope + b"".join(spans)))
+            for pid, spans in by_pid.items()
+        )
+
+    def format(self, e: SpanEvent) -> str:
+        """One readable console line per span."""
+        start = datetime.datetime.fromtimestamp(
+            (e.start_ns + self.clock.offset_ns) / 1e9, datetime.timezone.utc)
+        parent = "-" if e.parent_span_id == _NO_PARENT else e.parent_span_id.hex()
+        return (
+            f"{start.isoformat(timespec='microseconds')} {(e.end_ns - e.start_ns) / 1e6:10.3f} ms  "
+            f"{'  ' * e.depth}{self.probes[e.probe_id].function}  pid={e.pid} tid={e.tid} "
+            f"trace={e.trace_id.hex()} span={e.span_id.hex()} parent={parent}"
+        )
+
+
+# start_time_unix_nano (7) and end_time_unix_nano (8) are fixed64: tag byte + 8 bytes each.
+_TIMES = struct.Struct("<BQBQ")

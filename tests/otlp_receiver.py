@@ -1,0 +1,281 @@
+"""A real OTLP trace receiver (gRPC and HTTP) on 127.0.0.1, for tests and the benchmark.
+
+Exporters are tested against this instead of mocks so that framing, compression, metadata and
+status codes go through the same libraries a collector would use. It can be told to answer
+errors for the next N requests, and it can be stopped and started again on the same ports to
+simulate a collector outage.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import ssl
+import threading
+import time
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+_FAILURE_MESSAGE = "injected failure"
+
+
+def any_value(value: AnyValue):
+    """Plain Python value of an OTLP AnyValue, so tests can compare attributes with ==."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind) if kind else None
+
+
+class _Failures:
+    """What to answer instead of success, for a given number of upcoming requests."""
+
+    def __init__(self, count: int, http_status: int, grpc_code: grpc.StatusCode, retry_after_s: float | None):
+        self.count = count
+        self.http_status = http_status
+        self.grpc_code = grpc_code
+        self.retry_after_s = retry_after_s
+
+
+class OtlpReceiver:
+    """Collects ExportTraceServiceRequests over OTLP/gRPC and OTLP/HTTP; thread-safe.
+
+    ``tls=(cert_file, key_file)`` serves both transports over TLS (endpoints become https).
+    """
+
+    def __init__(self, tls: tuple[str, str] | None = None):
+        self.tls = tls
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.headers: list[dict[str, str]] = []  # per accepted request, lower-case names
+        self.attempts = 0  # every export request, including the ones answered with an error
+        self.bytes_received = 0  # HTTP: body as sent (compressed if gzip); gRPC: message size
+        self.partial_success: tuple[int, str] | None = None  # (rejected_spans, error_message)
+        self._failures: _Failures | None = None
+        self._cond = threading.Condition()
+        self._grpc_port = 0
+        self._http_port = 0
+        self._grpc_server: grpc.Server | None = None
+        self._http_server: _HttpServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    # ----- lifecycle
+
+    def start(self) -> OtlpReceiver:
+        """Listen on ephemeral ports the first time, on the same ports after a stop()."""
+        self._grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), self._grpc_server)
+        address = f"127.0.0.1:{self._grpc_port}"
+        if self.tls:
+            cert, key = (open(path, "rb").read() for path in self.tls)
+            port = self._grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = self._grpc_server.add_insecure_port(address)
+        self._grpc_port = port
+        self._grpc_server.start()
+
+        self._http_server = _HttpServer(("127.0.0.1", self._http_port), self)
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._http_server.socket = context.wrap_socket(self._http_server.socket, server_side=True)
+        self._http_port = self._http_server.server_address[1]
+        self._http_thread = threading.Thread(target=self._http_server.serve_forever, args=(0.05,), daemon=True)
+        self._http_thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close listeners and open connections, so clients see the outage immediately."""
+        if self._grpc_server is not None:
+            self._grpc_server.stop(grace=None).wait()
+            self._grpc_server = None
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.close_connections()
+            self._http_server.server_close()
+            self._http_thread.join()
+            self._http_server = None
+
+    def __enter__(self) -> OtlpReceiver:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"{self._scheme}://127.0.0.1:{self._grpc_port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        return f"{self._scheme}://127.0.0.1:{self._http_port}/v1/traces"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    # ----- behaviour knobs
+
+    def fail_next(
+        self,
+        count: int,
+        http_status: int = 503,
+        grpc_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+        retry_after_s: float | None = None,
+    ) -> None:
+        """Answer the next ``count`` requests with an error (HTTP Retry-After / gRPC RetryInfo if given)."""
+        with self._cond:
+            self._failures = _Failures(count, http_status, grpc_code, retry_after_s)
+
+    # ----- results
+
+    def spans(self) -> list[tuple[dict, Span]]:
+        """Every received span with its resource attributes, in arrival order."""
+        with self._cond:
+            requests = list(self.requests)
+        out = []
+        for request in requests:
+            for resource_spans in request.resource_spans:
+                attributes = {kv.key: any_value(kv.value) for kv in resource_spans.resource.attributes}
+                for scope_spans in resource_spans.scope_spans:
+                    out.extend((attributes, span) for span in scope_spans.spans)
+        return out
+
+    def wait_for_spans(self, n: int, timeout: float = 5.0) -> list[tuple[dict, Span]]:
+        """Block until at least ``n`` spans arrived; fail the test with what did arrive otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._span_count() < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"expected {n} spans within {timeout}s, got {self._span_count()} "
+                        f"in {len(self.requests)} requests ({self.attempts} attempts)"
+                    )
+                self._cond.wait(remaining)
+        return self.spans()
+
+    def _span_count(self) -> int:
+        return sum(len(ss.spans) for req in self.requests for rs in req.resource_spans for ss in rs.scope_spans)
+
+    # ----- shared by both transports
+
+    def _receive(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str], size: int
+    ) -> _Failures | trace_service_pb2.ExportTraceServiceResponse:
+        """Record one request; return the failure to answer, or the success response."""
+        with self._cond:
+            self.attempts += 1
+            self.bytes_received += size
+            failures = self._failures
+            if failures is not None and failures.count > 0:
+                failures.count -= 1
+                return failures
+            self.requests.append(request)
+            self.headers.append(headers)
+            self._cond.notify_all()
+            response = trace_service_pb2.ExportTraceServiceResponse()
+            if self.partial_success is not None:
+                response.partial_success.rejected_spans, response.partial_success.error_message = self.partial_success
+            return response
+
+
+class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: OtlpReceiver):
+        self._receiver = receiver
+
+    def Export(self, request, context):
+        headers = {key.lower(): value for key, value in context.invocation_metadata()}
+        answer = self._receiver._receive(request, headers, request.ByteSize())
+        if isinstance(answer, _Failures):
+            if answer.retry_after_s is not None:
+                context.set_trailing_metadata([("grpc-status-details-bin", _retry_status(answer).SerializeToString())])
+            context.abort(answer.grpc_code, _FAILURE_MESSAGE)
+        return answer
+
+
+def _retry_status(failures: _Failures) -> status_pb2.Status:
+    """google.rpc.Status carrying RetryInfo, the OTLP/gRPC throttling signal."""
+    delay = Duration()
+    delay.FromNanoseconds(int(failures.retry_after_s * 1e9))
+    status = status_pb2.Status(code=failures.grpc_code.value[0], message=_FAILURE_MESSAGE)
+    status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+class _HttpServer(ThreadingHTTPServer):
+    """Keeps track of accepted connections so stop() can cut keep-alive clients off."""
+
+    daemon_threads = True
+
+    def __init__(self, address, receiver: OtlpReceiver):
+        self.receiver = receiver
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _HttpHandler)
+
+    def get_request(self):
+        conn, address = super().get_request()
+        with self._connections_lock:
+            self._connections.add(conn)
+        return conn, address
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = self._connections, set()
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+
+class _HttpHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a collector does
+    server: _HttpServer
+
+    def do_POST(self) -> None:
+        if self.path != "/v1/traces":
+            return self._reply(404, b"")
+        if self.headers.get("Content-Type") != "application/x-protobuf":
+            return self._reply(415, b"")
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        size = len(body)
+        try:
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        except Exception as exc:  # any undecodable body is the client's fault: 400, as the spec says
+            return self._reply(400, status_pb2.Status(message=str(exc)).SerializeToString())
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        answer = self.server.receiver._receive(request, headers, size)
+        if isinstance(answer, _Failures):
+            extra = {} if answer.retry_after_s is None else {"Retry-After": f"{answer.retry_after_s:g}"}
+            return self._reply(answer.http_status, status_pb2.Status(message=_FAILURE_MESSAGE).SerializeToString(), extra)
+        self._reply(200, answer.SerializeToString())
+
+    def _reply(self, code: int, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra_headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:
+        """Silence per-request logging on stderr."""

@@ -1,0 +1,166 @@
+"""The demo's wiring (docker-compose.yml + Dockerfile), checked without a Docker
+daemon: a broken demo is usually a typo in a path, a port or a service name."""
+
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from elftools.elf.elffile import ELFFile
+
+from otel_ebpf.config import load_settings
+from tests.ground_truth import EXAMPLES_DIR, build_examples
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+SIDECAR = SERVICES["otel-ebpf"]
+OTLP_PORTS = {"http/protobuf": 4318, "grpc": 4317}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) of each Dockerfile instruction, continuations joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    instructions = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, args = line.partition(" ")
+            instructions.append((keyword.upper(), " ".join(args.split())))
+    return instructions
+
+
+def environment(service: dict) -> dict[str, str]:
+    """A service's environment, whichever of compose's two syntaxes it uses."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def container_ports(service: dict) -> set[int]:
+    return {int(str(port).split(":")[-1].split("/")[0]) for port in service.get("ports", [])}
+
+
+def sidecar_settings():
+    """What `otel-ebpf run` makes of the sidecar's environment, and nothing else."""
+    return load_settings(environment(SIDECAR))
+
+
+def probes() -> dict[str, tuple[str, ...]]:
+    return {spec.binary: spec.symbols for spec in sidecar_settings().probes}
+
+
+def image_workdir() -> str:
+    workdirs = [args for keyword, args in dockerfile_instructions() if keyword == "WORKDIR"]
+    assert workdirs, "Dockerfile sets no WORKDIR"
+    return workdirs[-1]
+
+
+def function_symbols(path: Path) -> set[str]:
+    with path.open("rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        return {
+            sym.name
+            for sym in symtab.iter_symbols()
+            if sym["st_info"]["type"] == "STT_FUNC" and sym["st_shndx"] != "SHN_UNDEF"
+        }
+
+
+def test_three_services():
+    assert set(SERVICES) == {"jaeger", "example", "otel-ebpf"}
+
+
+def test_jaeger_accepts_otlp_and_shows_ui():
+    jaeger = SERVICES["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert environment(jaeger)["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert {16686, 4317, 4318} <= container_ports(jaeger)
+
+
+def test_sidecar_is_privileged_in_the_example_pid_namespace():
+    assert SIDECAR["privileged"] is True
+    assert SIDECAR["pid"] == "service:example"
+    assert set(SIDECAR["depends_on"]) == {"jaeger", "example"}
+
+
+def test_sidecar_is_configured_by_environment_only():
+    assert SIDECAR["command"] in ("run", ["run"])
+    assert "entrypoint" not in SIDECAR
+    assert "env_file" not in SIDECAR
+    env = environment(SIDECAR)
+    assert {"OTEL_EBPF_PROBES", "OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT"} <= set(env)
+
+
+def test_sidecar_settings_load_and_name_the_demo_probes():
+    settings = sidecar_settings()
+    assert settings.service_name == "nested"
+    assert settings.pid is None, "each run of the example is a new process"
+    assert {binary.rsplit("/", 1)[1]: set(symbols) for binary, symbols in probes().items()} == {
+        "nested": {"handle_request", "parse_request", "compute", "fib"},
+        "libgreet.so": {"greet"},
+    }
+
+
+def test_sidecar_exports_to_the_jaeger_service():
+    settings = sidecar_settings()
+    assert settings.traces_exporters == ("otlp",)
+    endpoint = urlsplit(settings.otlp.endpoint)
+    assert endpoint.scheme == "http"
+    assert endpoint.hostname == "jaeger"
+    assert endpoint.port == OTLP_PORTS[settings.otlp.protocol]
+    assert endpoint.port in container_ports(SERVICES["jaeger"])
+
+
+def test_sidecar_runs_the_example_image():
+    """Probes attach to inodes: the sidecar must see the example's own files."""
+    example = SERVICES["example"]
+    assert SIDECAR["image"] == example["image"]
+    assert SIDECAR.get("build") == example.get("build") == "."
+    assert ("ENTRYPOINT", '["otel-ebpf"]') in dockerfile_instructions()
+    # The image's entrypoint is the tracer, so the example must replace it.
+    assert example["entrypoint"] == ["sh", "-c"]
+
+
+def test_sidecar_mounts_what_bcc_needs():
+    volumes = {}
+    for volume in SIDECAR["volumes"]:
+        source, target, *mode = volume.split(":")
+        volumes[target] = (source, mode)
+    assert volumes["/sys/kernel/tracing"] == ("/sys/kernel/tracing", [])
+    assert volumes["/sys/kernel/debug"] == ("/sys/kernel/debug", [])
+    assert volumes["/lib/modules"] == ("/lib/modules", ["ro"])
+    assert volumes["/usr/src"] == ("/usr/src", ["ro"])
+
+
+def test_image_builds_the_examples_where_the_probes_look():
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("FROM", "debian:12-slim")
+    assert ("COPY", "examples/ examples/") in instructions
+    assert ("RUN", "make -C examples") in instructions
+    workdir = image_workdir()
+    example_command = " ".join(SERVICES["example"]["command"])
+    for binary in probes():
+        assert binary.startswith(workdir + "/examples/build/"), binary
+    assert any(binary in example_command for binary in probes())
+
+
+def test_probed_functions_exist_in_the_built_examples():
+    build_examples()
+    workdir = image_workdir()
+    for binary, symbols in probes().items():
+        built = EXAMPLES_DIR.parent / Path(binary).relative_to(workdir)
+        assert built.is_file(), f"{binary}: make -C examples does not build {built}"
+        assert set(symbols) <= function_symbols(built), binary
+
+
+def test_docker_compose_accepts_the_file():
+    docker = shutil.which("docker")
+    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
+        pytest.skip("the docker compose plugin is not installed")
+    result = subprocess.run(
+        [docker, "compose", "config", "--quiet"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

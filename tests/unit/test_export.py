@@ -1,0 +1,407 @@
+"""Transports and BatchProcessor against a real OTLP receiver on 127.0.0.1."""
+
+import io
+import logging
+import shutil
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from otel_ebpf.errors import UserError
+from otel_ebpf.export import (
+    USER_AGENT,
+    BatchProcessor,
+    ConsoleSink,
+    ExportError,
+    GrpcTransport,
+    HttpTransport,
+    _parse_retry_after,
+)
+from tests.otlp_receiver import OtlpReceiver
+
+FAST = dict(backoff_s=0.01, max_backoff_s=0.05)
+
+
+def encode(names) -> bytes:
+    """A real ExportTraceServiceRequest with one span per name."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    attribute = resource_spans.resource.attributes.add()
+    attribute.key, attribute.value.string_value = "service.name", "test-svc"
+    scope_spans = resource_spans.scope_spans.add()
+    for name in names:
+        span = scope_spans.spans.add()
+        span.name = str(name)
+        span.trace_id = b"\x01" * 16
+        span.span_id = b"\x02" * 8
+    return request.SerializeToString()
+
+
+def make_transport(kind: str, receiver: OtlpReceiver, **kwargs):
+    options = dict(headers={}, timeout_s=2.0, **FAST) | kwargs
+    if kind == "grpc":
+        return GrpcTransport(receiver.grpc_endpoint, **options)
+    return HttpTransport(receiver.http_endpoint, **options)
+
+
+@pytest.fixture
+def receiver():
+    with OtlpReceiver() as r:
+        yield r
+
+
+@pytest.fixture(params=["grpc", "http"])
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def transports():
+    """Transports made by a test, closed afterwards even when it fails."""
+    made = []
+
+    def make(kind, receiver, **kwargs):
+        made.append(make_transport(kind, receiver, **kwargs))
+        return made[-1]
+
+    yield make
+    for transport in made:
+        transport.close()
+
+
+def names_received(receiver):
+    return [span.name for _, span in receiver.spans()]
+
+
+# ----- transports
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_payload_and_headers_arrive(kind, compression, receiver, transports):
+    transport = transports(kind, receiver, headers={"Authorization": "Bearer s3cret"}, compression=compression)
+    payload = encode(f"span-{i}" for i in range(50))
+
+    assert transport.send(payload, time.monotonic() + 5) == 0
+
+    spans = receiver.wait_for_spans(50)
+    assert [span.name for _, span in spans] == [f"span-{i}" for i in range(50)]
+    assert spans[0][0] == {"service.name": "test-svc"}
+    headers = receiver.headers[0]
+    assert headers["authorization"] == "Bearer s3cret"
+    assert headers["user-agent"].startswith(USER_AGENT)
+    if kind == "http":
+        assert headers["content-type"] == "application/x-protobuf"
+        if compression == "gzip":
+            assert headers["content-encoding"] == "gzip"
+            assert receiver.bytes_received < len(payload) / 2
+        else:
+            assert receiver.bytes_received == len(payload)
+
+
+def test_retryable_failures_are_retried_and_delivered_once(kind, receiver, transports):
+    transport = transports(kind, receiver)
+    receiver.fail_next(3, http_status=503, grpc_code=grpc.StatusCode.UNAVAILABLE)
+
+    transport.send(encode(["a"]), time.monotonic() + 5)
+
+    assert receiver.attempts == 4
+    assert names_received(receiver) == ["a"]
+
+
+@pytest.mark.parametrize("http_status", [429, 502, 504])
+def test_other_retryable_http_statuses(http_status, receiver, transports):
+    transport = transports("http", receiver)
+    receiver.fail_next(1, http_status=http_status)
+
+    transport.send(encode(["a"]), time.monotonic() + 5)
+
+    assert receiver.attempts == 2
+    assert names_received(receiver) == ["a"]
+
+
+def test_server_retry_delay_is_honoured(kind, receiver, transports):
+    transport = transports(kind, receiver)
+    receiver.fail_next(1, retry_after_s=0.4)
+
+    start = time.monotonic()
+    transport.send(encode(["a"]), start + 5)
+
+    assert time.monotonic() - start >= 0.4
+    assert names_received(receiver) == ["a"]
+
+
+def test_resource_exhausted_is_retried_only_with_retry_info(receiver, transports):
+    transport = transports("grpc", receiver)
+    receiver.fail_next(1, grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=0.05)
+    transport.send(encode(["a"]), time.monotonic() + 5)
+    assert names_received(receiver) == ["a"]
+
+    receiver.fail_next(1, grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with pytest.raises(ExportError, match="RESOURCE_EXHAUSTED"):
+        transport.send(encode(["b"]), time.monotonic() + 5)
+    assert receiver.attempts == 3
+
+
+def test_non_retryable_failure_raises_at_once(kind, receiver, transports):
+    transport = transports(kind, receiver)
+    receiver.fail_next(1, http_status=400, grpc_code=grpc.StatusCode.INVALID_ARGUMENT)
+
+    start = time.monotonic()
+    with pytest.raises(ExportError, match="400|INVALID_ARGUMENT") as info:
+        transport.send(encode(["a"]), start + 10)
+
+    assert time.monotonic() - start < 1
+    assert receiver.attempts == 1
+    assert "injected failure" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_deadline_is_respected_when_collector_is_down(kind, receiver, transports):
+    transport = transports(kind, receiver)
+    receiver.stop()
+
+    start = time.monotonic()
+    with pytest.raises(ExportError) as info:
+        transport.send(encode(["a"]), start + 0.5)
+
+    assert time.monotonic() - start < 0.5 + 0.3
+    assert str(info.value).startswith(transport.endpoint)
+    assert "\n" not in str(info.value)
+
+
+def test_delivery_resumes_after_collector_restart(kind, receiver, transports):
+    transport = transports(kind, receiver)
+    transport.send(encode(["before"]), time.monotonic() + 5)
+    receiver.stop()
+    with pytest.raises(ExportError):
+        transport.send(encode(["lost"]), time.monotonic() + 0.3)
+
+    receiver.start()
+    transport.send(encode(["after"]), time.monotonic() + 10)
+
+    assert names_received(receiver) == ["before", "after"]
+
+
+def test_partial_success_is_counted_not_retried(kind, receiver, transports, caplog):
+    transport = transports(kind, receiver)
+    receiver.partial_success = (2, "span name too long")
+
+    assert transport.send(encode(["a", "b", "c"]), time.monotonic() + 5) == 2
+    assert transport.send(encode(["d"]), time.monotonic() + 5) == 2
+
+    assert transport.rejected_spans == 4
+    assert receiver.attempts == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "otel_ebpf.export"]
+    assert len(warnings) == 1 and "span name too long" in warnings[0]
+
+
+def test_retry_after_header_forms():
+    assert _parse_retry_after("3") == 3.0
+    assert _parse_retry_after(None) is None
+    assert _parse_retry_after("soon") is None
+    in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
+    assert 55 < _parse_retry_after(in_a_minute) <= 60
+
+
+def test_bad_settings_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="compression"):
+        HttpTransport("http://127.0.0.1:1/v1/traces", {}, 1.0, compression="zstd")
+    with pytest.raises(UserError, match="endpoint"):
+        GrpcTransport("ftp://127.0.0.1:1", {}, 1.0)
+    with pytest.raises(UserError, match="TLS file"):
+        GrpcTransport("https://127.0.0.1:1", {}, 1.0, certificate=str(tmp_path / "missing.pem"))
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+def test_tls_with_custom_ca(kind, tls_files, transports):
+    with OtlpReceiver(tls=tls_files) as receiver:
+        transport = transports(kind, receiver, certificate=tls_files[0])
+        transport.send(encode(["secure"]), time.monotonic() + 5)
+        assert names_received(receiver) == ["secure"]
+
+
+def test_untrusted_server_certificate_fails(kind, tls_files, transports):
+    with OtlpReceiver(tls=tls_files) as receiver:
+        transport = transports(kind, receiver)
+        start = time.monotonic()
+        with pytest.raises(ExportError) as info:
+            transport.send(encode(["a"]), start + 0.5)
+        assert time.monotonic() - start < 0.8
+        assert receiver.attempts == 0
+        if kind == "http":
+            assert "certificate verify failed" in str(info.value)
+
+
+# ----- batch processor
+
+
+class GatedSink:
+    """Records batches; blocks in export until the gate opens, to hold the export thread."""
+
+    def __init__(self):
+        self.batches = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def export(self, batch, deadline):
+        self.entered.set()
+        self.gate.wait(5)
+        self.batches.append(list(batch.items))
+
+    def close(self):
+        self.gate.set()
+
+
+class FlakySink:
+    """Fails with the given exceptions, one per batch, then succeeds."""
+
+    def __init__(self, *failures):
+        self.failures = list(failures)
+        self.items = []
+
+    def export(self, batch, deadline):
+        if self.failures:
+            raise self.failures.pop(0)
+        self.items.extend(batch.items)
+
+    def close(self):
+        pass
+
+
+def processor(sinks, encode=encode, **kwargs):
+    options = dict(max_queue_size=1000, max_batch_size=64, schedule_delay_s=0.05, export_timeout_s=5.0) | kwargs
+    return BatchProcessor(encode, sinks, **options)
+
+
+def test_all_items_delivered_in_bounded_batches(kind, receiver, transports):
+    bp = processor([transports(kind, receiver)])
+    for start in range(0, 250, 10):
+        bp.add([f"s{i}" for i in range(start, start + 10)])
+
+    receiver.wait_for_spans(250)
+    bp.shutdown(5)
+
+    assert sorted(names_received(receiver)) == sorted(f"s{i}" for i in range(250))
+    assert all(len(r.resource_spans[0].scope_spans[0].spans) <= 64 for r in receiver.requests)
+    assert bp.stats == {"exported": 250, "dropped_full": 0, "dropped_shutdown": 0, "failed": 0, "rejected": 0}
+
+
+def test_queue_overflow_is_counted_exactly():
+    sink = GatedSink()
+    bp = processor([sink], encode=None, max_queue_size=10, max_batch_size=5)
+    bp.add(list(range(5)))
+    assert sink.entered.wait(5)  # the thread now holds those 5 and the queue is empty
+
+    bp.add(list(range(100, 125)))
+    assert bp.stats["dropped_full"] == 15
+
+    sink.gate.set()
+    bp.shutdown(5)
+    assert [item for batch in sink.batches for item in batch] == [0, 1, 2, 3, 4, *range(100, 110)]
+    assert bp.stats["exported"] == 15
+
+
+def test_shutdown_flushes_everything_without_waiting_for_the_schedule():
+    sink = FlakySink()
+    bp = processor([sink], encode=None, max_batch_size=100, max_queue_size=5000, schedule_delay_s=60)
+    bp.add(list(range(7)))
+    time.sleep(0.1)
+    assert sink.items == []  # fewer than a batch: waits for the schedule
+
+    bp.add(list(range(7, 1007)))
+    start = time.monotonic()
+    bp.shutdown(5)
+
+    assert time.monotonic() - start < 2
+    assert sorted(sink.items) == list(range(1007))
+    bp.shutdown(5)  # idempotent
+    assert bp.stats["exported"] == 1007
+
+
+def test_encode_runs_once_per_batch_for_several_byte_sinks(receiver, transports):
+    calls = []
+
+    def counting_encode(items):
+        calls.append(len(items))
+        return encode(items)
+
+    bp = processor([transports("grpc", receiver), transports("http", receiver)], encode=counting_encode)
+    bp.add([f"s{i}" for i in range(100)])
+    bp.shutdown(5)
+
+    assert sum(calls) == 100
+    assert sorted(names_received(receiver)) == sorted(f"s{i}" for i in range(100) for _ in range(2))
+
+
+def test_failing_sink_is_counted_and_reported_without_killing_the_thread(caplog):
+    caplog.set_level(logging.WARNING, logger="otel_ebpf.export")
+    flaky = FlakySink(ExportError("collector:4317: gRPC UNAVAILABLE"), RuntimeError("encoder bug"), ExportError("x"))
+    console = io.StringIO()
+    bp = processor([flaky, ConsoleSink(str, console)], encode=None, max_batch_size=2, schedule_delay_s=0.01)
+    for i in range(5):
+        bp.add([i, i + 100])
+        time.sleep(0.05)  # one batch each
+    bp.shutdown(5)
+
+    assert bp.stats["failed"] == 6
+    assert bp.stats["exported"] == 4
+    assert flaky.items == [3, 103, 4, 104]
+    assert console.getvalue().split() == [str(n) for i in range(5) for n in (i, i + 100)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "gRPC UNAVAILABLE" in messages[0] and "\n" not in messages[0]
+    assert "recovered after 3 failed batches" in messages[1]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_continuing_failures_are_summarised(caplog):
+    caplog.set_level(logging.WARNING, logger="otel_ebpf.export")
+    flaky = FlakySink(*[ExportError("down")] * 4)
+    bp = processor([flaky], encode=None, max_batch_size=1, schedule_delay_s=0.01, report_interval_s=0.0)
+    bp.add([1, 2, 3, 4])
+    bp.shutdown(5)
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4
+    assert messages[1:] == ["1 batches / 1 spans failed in the last 0s: down"] * 3
+
+
+def test_shutdown_is_bounded_when_the_collector_is_down(kind, receiver, transports):
+    receiver.stop()
+    bp = processor([transports(kind, receiver, backoff_s=0.2)], export_timeout_s=30)
+    bp.add(list(range(200)))
+
+    start = time.monotonic()
+    bp.shutdown(0.5)
+
+    assert time.monotonic() - start < 2.0
+    stats = bp.stats
+    assert stats["exported"] == 0
+    assert stats["failed"] + stats["dropped_shutdown"] == 200
+
+
+def test_console_sink_writes_one_line_per_item():
+    out = io.StringIO()
+    bp = processor([ConsoleSink(lambda item: f"{item[0]} took {item[1]}us", out)], encode=None)
+    bp.add([("main", 12), ("parse", 3)])
+    bp.add([("write", 7)])
+    bp.shutdown(5)
+
+    assert out.getvalue() == "main took 12us\nparse took 3us\nwrite took 7us\n"
