@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from otel_ebpf import __version__, config, symbols
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, command_argv = argv[:cut], argv[cut + 1:]
     logging.basicConfig(level=logging.WARNING, format="otel-ebpf: %(message)s")
+    # gRPC's C core logs every connection loss on stderr; export failures are reported by us, briefly.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         args = _parser().parse_args(argv)
         if command_argv is not None and args.command != "trace":

@@ -458,6 +458,9 @@ class BatchProcessor:
 
     @property
     def stats(self) -> dict[str, int]:
+        """Item counts: exported (every sink took them), failed (in a batch some sink failed),
+        rejected (refused by a collector as partial success), dropped_full (queue overflow),
+        dropped_shutdown (added after, or still queued at the end of, shutdown)."""
         with self._cond:
             return {
                 "exported": self._exported,

@@ -106,8 +106,19 @@ def _drain(ring, encoder: SpanEncoder, processor: BatchProcessor) -> None:
 
 
 def _summarise(stats: dict, kernel: dict, log: TextIO) -> None:
-    lost = kernel["events_lost"] + stats["dropped_full"] + stats["failed"]
-    print(f"otel-ebpf: {stats['exported']} spans exported, {lost} lost "
-          f"(ring buffer full: {kernel['events_lost']}, export queue full: {stats['dropped_full']}, "
-          f"export failed: {stats['failed']}); calls not recorded: {kernel['depth_exceeded']} nested deeper "
-          f"than OTEL_EBPF_MAX_DEPTH, {kernel['unmatched_return']} unmatched returns", file=log, flush=True)
+    """One line on shutdown: every span that did not reach the exporters is accounted for."""
+    lost = {
+        "ring buffer full": kernel["events_lost"],
+        "export queue full (OTEL_BSP_MAX_QUEUE_SIZE)": stats["dropped_full"],
+        "export failed": stats["failed"],
+        "export timed out at shutdown (OTEL_BSP_EXPORT_TIMEOUT)": stats["dropped_shutdown"],
+    }
+    line = f"otel-ebpf: {stats['exported']} spans exported, {sum(lost.values())} lost"
+    details = [f"{n} {why}" for why, n in lost.items() if n]
+    if details:
+        line += f" ({', '.join(details)})"
+    if kernel["depth_exceeded"]:
+        line += f"; {kernel['depth_exceeded']} calls nested deeper than OTEL_EBPF_MAX_DEPTH not recorded"
+    if kernel["unmatched_return"]:
+        line += f"; {kernel['unmatched_return']} returns without a recorded entry"
+    print(line, file=log, flush=True)

@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -75,7 +76,7 @@ class OtlpReceiver:
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), self._grpc_server)
         address = f"127.0.0.1:{self._grpc_port}"
         if self.tls:
-            cert, key = (open(path, "rb").read() for path in self.tls)
+            cert, key = (Path(path).read_bytes() for path in self.tls)
             port = self._grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
             port = self._grpc_server.add_insecure_port(address)
