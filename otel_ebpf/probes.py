@@ -47,9 +47,9 @@ def check_privileges() -> None:
         )
 
 
-def check_kernel_headers() -> None:
+def check_kernel_headers(modules: Path = Path("/lib/modules")) -> None:
     """BCC compiles the program at run time against the running kernel's headers."""
-    build = Path("/lib/modules") / platform.release() / "build"
+    build = modules / platform.release() / "build"
     if not (build / "include").is_dir():
         raise UserError(
             f"kernel headers not found at {build}",
