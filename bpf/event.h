@@ -25,4 +25,8 @@ enum counter {
 	COUNTER_MAX = 3,
 };
 
+/* Layout of the `latency` map (see maps.h). */
+#define LATENCY_BUCKETS 40
+#define LATENCY_SLOTS (LATENCY_BUCKETS + 1)
+
 #endif

@@ -1,7 +1,9 @@
 /* Entry and return programs for probed functions. The kernel pairs each return with its entry on a
  * per-thread stack, makes trace and span ids, and emits one span_event per finished call.
  *
- * Tunables (-D): MAX_DEPTH, MAX_THREADS, RINGBUF_PAGES, WAKEUP_EVERY, PIDNS_DEV, PIDNS_INO.
+ * Tunables (-D): NPROBES, MAX_DEPTH, MAX_THREADS, RINGBUF_PAGES, WAKEUP_EVERY, PIDNS_DEV, PIDNS_INO,
+ * SAMPLE_ALL or SAMPLE_THRESHOLD (a root is sampled when the lower 64 bits of its trace id, read big-endian,
+ * are below it: the OpenTelemetry TraceIdRatioBased rule), MIN_DURATION_NS.
  * User space appends one DEFINE_PROBE(n) line per probed function. */
 #include <uapi/linux/ptrace.h>
 #include "maps.h"
@@ -32,29 +34,95 @@ static __always_inline __u64 wakeup_flag(void)
 	return BPF_RB_FORCE_WAKEUP;
 }
 
-/* span_id of the call enclosing the one at `depth`, 0 at the root. */
-static __always_inline __u64 parent_span_id(struct call_stack *stack, __u32 depth)
+/* The call enclosing the one at `depth`, NULL at the root. */
+static __always_inline struct frame *parent_frame(struct call_stack *stack, __u32 depth)
 {
 	__u32 up = depth - 1; /* wraps for the root, failing the check below */
 	asm volatile("" : "+r"(up)); /* keep the compiler from dropping the check the verifier needs */
 	if (up >= MAX_DEPTH)
-		return 0;
-	return stack->frames[up].span_id;
+		return NULL;
+	return &stack->frames[up];
 }
 
-static __always_inline int on_entry(__u32 probe_id)
+/* Index of the histogram bucket for a duration: 2^(i-1) < ns <= 2^i. */
+static __always_inline __u32 latency_bucket(__u64 ns)
+{
+	if (ns <= 1)
+		return 0;
+	__u64 v = ns - 1;
+	__u32 log2 = 0, shift;
+	shift = (v > 0xFFFFFFFF) << 5; v >>= shift; log2 |= shift;
+	shift = (v > 0xFFFF) << 4; v >>= shift; log2 |= shift;
+	shift = (v > 0xFF) << 3; v >>= shift; log2 |= shift;
+	shift = (v > 0xF) << 2; v >>= shift; log2 |= shift;
+	shift = (v > 0x3) << 1; v >>= shift; log2 |= shift;
+	log2 |= (v >> 1);
+	return log2 + 1 < LATENCY_BUCKETS ? log2 + 1 : LATENCY_BUCKETS - 1;
+}
+
+static __always_inline void record_latency(__u32 probe_id, __u64 ns)
+{
+	__u32 slot = probe_id * LATENCY_SLOTS + latency_bucket(ns);
+	__u64 *n = latency.lookup(&slot);
+	if (n)
+		*n += 1;
+	slot = probe_id * LATENCY_SLOTS + LATENCY_BUCKETS;
+	n = latency.lookup(&slot);
+	if (n)
+		*n += ns;
+}
+
+static __always_inline __u32 sample_root(__u64 trace_id_low)
+{
+#ifdef SAMPLE_ALL
+	return 1;
+#else
+	return __builtin_bswap64(trace_id_low) < SAMPLE_THRESHOLD;
+#endif
+}
+
+/* Native code nests calls per thread. */
+static __always_inline struct stack_key thread_key(void)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct stack_key key = {.goroutine = 0, .tgid = id >> 32, .tid = (__u32)id};
+	return key;
+}
+
+/* Go code nests calls per goroutine, which migrate between threads; r14 holds the current g under
+ * Go's register ABI (amd64, Go >= 1.17). */
+static __always_inline struct stack_key goroutine_key(struct pt_regs *ctx)
+{
+	struct stack_key key = {.goroutine = ctx->r14, .tgid = bpf_get_current_pid_tgid() >> 32, .tid = 0};
+	return key;
+}
+
+/* Where the innermost frame for probe_id sits at or below `depth`, or -1. Frames above it belong to
+ * calls that never returned through their probe (longjmp, a recovered Go panic). */
+static __always_inline int find_frame(struct call_stack *stack, __u32 depth, __u32 probe_id)
+{
+	for (int i = 0; i < MAX_DEPTH; i++) {
+		__u32 d = depth - i; /* wraps below zero, failing the check */
+		if (d >= MAX_DEPTH)
+			break;
+		if (stack->frames[d].probe_id == probe_id)
+			return d;
+	}
+	return -1;
+}
+
+static __always_inline int on_entry(__u32 probe_id, struct stack_key key)
 {
 	__u64 now = bpf_ktime_get_ns();
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 
-	struct call_stack *stack = call_stacks.lookup(&tid);
+	struct call_stack *stack = call_stacks.lookup(&key);
 	if (!stack) {
 		__u32 zero = 0;
 		struct call_stack *empty = empty_stack.lookup(&zero);
 		if (!empty)
 			return 0;
-		call_stacks.update(&tid, empty);
-		stack = call_stacks.lookup(&tid);
+		call_stacks.update(&key, empty);
+		stack = call_stacks.lookup(&key);
 		if (!stack)
 			return 0;
 	}
@@ -68,19 +136,20 @@ static __always_inline int on_entry(__u32 probe_id)
 	if (depth == 0) {
 		stack->trace_id[0] = random_id();
 		stack->trace_id[1] = random_id();
+		stack->sampled = sample_root(stack->trace_id[1]);
 	}
 	stack->frames[depth].start_ns = now;
 	stack->frames[depth].span_id = random_id();
 	stack->frames[depth].probe_id = probe_id;
+	stack->frames[depth].child_emitted = 0;
 	return 0;
 }
 
-static __always_inline int on_return(__u32 probe_id)
+static __always_inline int on_return(__u32 probe_id, struct stack_key key)
 {
 	__u64 now = bpf_ktime_get_ns();
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 
-	struct call_stack *stack = call_stacks.lookup(&tid);
+	struct call_stack *stack = call_stacks.lookup(&key);
 	if (!stack || stack->depth == 0) {
 		count(COUNTER_UNMATCHED_RETURN);
 		return 0;
@@ -89,14 +158,25 @@ static __always_inline int on_return(__u32 probe_id)
 	stack->depth = depth;
 	if (depth >= MAX_DEPTH)
 		return 0;
-	struct frame *frame = &stack->frames[depth];
-	if (frame->probe_id != probe_id) {
-		/* The entry was skipped (longjmp, attach mid-call): drop the whole stack, not just one frame,
-		 * so later calls on this thread start clean. */
-		stack->depth = 0;
+	if (stack->frames[depth].probe_id != probe_id) {
 		count(COUNTER_UNMATCHED_RETURN);
-		return 0;
+		int found = find_frame(stack, depth, probe_id);
+		if (found < 0) {
+			stack->depth = depth + 1; /* not ours: our entry was never seen */
+			return 0;
+		}
+		depth = found;
+		stack->depth = depth;
 	}
+	asm volatile("" : "+r"(depth));
+	if (depth >= MAX_DEPTH)
+		return 0;
+	struct frame *frame = &stack->frames[depth];
+
+	__u64 duration = now - frame->start_ns;
+	record_latency(probe_id, duration);
+	if (!stack->sampled || (duration < MIN_DURATION_NS && !frame->child_emitted))
+		return 0;
 
 	struct bpf_pidns_info ns = {};
 	if (bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, &ns, sizeof(ns)))
@@ -112,7 +192,10 @@ static __always_inline int on_return(__u32 probe_id)
 	event->trace_id[0] = stack->trace_id[0];
 	event->trace_id[1] = stack->trace_id[1];
 	event->span_id = frame->span_id;
-	event->parent_span_id = parent_span_id(stack, depth);
+	struct frame *parent = parent_frame(stack, depth);
+	event->parent_span_id = parent ? parent->span_id : 0;
+	if (parent)
+		parent->child_emitted = 1;
 	event->pid = ns.tgid;
 	event->tid = ns.pid;
 	event->probe_id = probe_id;
@@ -121,6 +204,13 @@ static __always_inline int on_return(__u32 probe_id)
 	return 0;
 }
 
+/* Native functions: entry uprobe and uretprobe. */
 #define DEFINE_PROBE(n) \
-	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n); } \
-	int probe_return_##n(struct pt_regs *ctx) { return on_return(n); }
+	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, thread_key()); } \
+	int probe_return_##n(struct pt_regs *ctx) { return on_return(n, thread_key()); }
+
+/* Go functions: entry uprobe, and a plain uprobe on each return instruction (a uretprobe would corrupt
+ * goroutine stacks when they move). */
+#define DEFINE_GO_PROBE(n) \
+	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, goroutine_key(ctx)); } \
+	int probe_return_##n(struct pt_regs *ctx) { return on_return(n, goroutine_key(ctx)); }

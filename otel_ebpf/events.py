@@ -94,14 +94,16 @@ class RingReader:
         """Sleep until the kernel wakes us or the timeout passes; the kernel batches its wake-ups."""
         self._epoll.poll(timeout_s)
 
-    def read(self) -> list[SpanEvent]:
-        """Decode every committed record and release its space to the kernel."""
+    def read(self, limit: int = 1 << 62) -> list[SpanEvent]:
+        """Decode up to `limit` committed records and release their space to the kernel.
+
+        Records left unread stay in the ring: it is the buffer that absorbs bursts while export lags."""
         cons = _POS.unpack_from(self._consumer, 0)[0]
         prod = _POS.unpack_from(self._producer, 0)[0]
         events: list[SpanEvent] = []
         buf, base, mask = self._producer, self._data, self._mask
         unpack_header, unpack_event = _HEADER.unpack_from, EVENT.unpack_from
-        while cons < prod:
+        while cons < prod and len(events) < limit:
             pos = base + (cons & mask)
             length = unpack_header(buf, pos)[0]
             if length & _BUSY:

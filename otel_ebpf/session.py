@@ -11,7 +11,7 @@ from otel_ebpf.clock import WallClock
 from otel_ebpf.command import Command
 from otel_ebpf.config import Settings
 from otel_ebpf.export import BatchProcessor, ConsoleSink, GrpcTransport, HttpTransport
-from otel_ebpf.probes import Probe, ProbeSet
+from otel_ebpf.probes import Probe, ProbeSet, Tunables
 from otel_ebpf.spans import ProbeInfo, ProcessInfo, SpanEncoder
 
 # How often the ring buffer is read when the kernel has not woken us: bounds the delay of the last
@@ -34,6 +34,11 @@ def _sinks(settings: Settings, encoder: SpanEncoder, console: TextIO) -> list:
     return sinks
 
 
+def _tunables(settings: Settings) -> Tunables:
+    return Tunables(max_depth=settings.max_depth, max_threads=settings.max_threads,
+                    ring_buffer_size=settings.ring_buffer_size)
+
+
 def _describe(settings: Settings) -> str:
     names = []
     for name in settings.traces_exporters:
@@ -44,20 +49,18 @@ def _describe(settings: Settings) -> str:
 def run(settings: Settings, probes: list[Probe], command: Command | None = None,
         console: TextIO = sys.stdout, log: TextIO = sys.stderr) -> int:
     """Trace until the command exits (returning its status) or SIGINT/SIGTERM arrives (returning 0)."""
-    probe_set = ProbeSet(probes, max_depth=settings.max_depth, max_threads=settings.max_threads,
-                         ring_buffer_size=settings.ring_buffer_size)
+    pid = command.spawn_paused() if command else settings.pid
     try:
-        pid = command.spawn_paused() if command else settings.pid
-        try:
-            probe_set.attach(pid)
-        except BaseException:
-            if command:
-                command.abandon()
-            raise
+        probe_set = ProbeSet(probes, _tunables(settings), pid)
+    except BaseException:
+        if command:
+            command.abandon()
+        raise
+    try:
         encoder = SpanEncoder([ProbeInfo(p.symbol.demangled, p.binary) for p in probes], WallClock(),
                               settings.service_name, settings.resource_attributes)
         if command:
-            encoder.remember_process(ProcessInfo(pid, command.path, " ".join(command.argv)))
+            encoder.remember_process(ProcessInfo.read(pid, command.path, " ".join(command.argv), exec_pending=True))
         processor = BatchProcessor(
             encoder.encode,
             _sinks(settings, encoder, console),

@@ -12,7 +12,9 @@ import datetime
 import os
 import socket
 import struct
+import re
 from dataclasses import dataclass
+from dataclasses import field as field_
 from typing import Iterable
 
 from otel_ebpf import __version__
@@ -71,6 +73,20 @@ class ProbeInfo:
         )
 
 
+# What a process's own environment may say about its identity and the trace it belongs to.
+PROCESS_ENVIRON = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "TRACEPARENT", "TRACESTATE")
+# A container runtime names the cgroup of a container after its 64-hex-digit id.
+_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 @dataclass(frozen=True)
 class ProcessInfo:
     """Identity of a traced process, read from /proc when its first span arrives."""
@@ -78,20 +94,31 @@ class ProcessInfo:
     pid: int
     executable: str
     command_line: str
+    environ: dict[str, str] = field_(default_factory=dict)  # the PROCESS_ENVIRON entries it has
+    container_id: str | None = None
 
     @classmethod
-    def read(cls, pid: int, fallback_executable: str) -> ProcessInfo:
-        """Best effort: a process may already have exited (or be a zombie) when we look."""
-        try:
-            executable = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            executable = fallback_executable
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command_line = " ".join(a.decode(errors="replace") for a in f.read().split(b"\0") if a)
-        except OSError:
-            command_line = ""
-        return cls(pid, executable, command_line or executable)
+    def read(cls, pid: int, executable: str, command_line: str | None = None, exec_pending: bool = False
+             ) -> ProcessInfo:
+        """Best effort: a process may have exited (or be a zombie) when we look, and then `executable`
+        stands in. A process held before exec (`exec_pending`) has its environment already, but its
+        executable and command line are still the tracer's: the caller gives them."""
+        if not exec_pending:
+            try:
+                executable = os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                pass
+        if command_line is None:
+            args = _read(f"/proc/{pid}/cmdline").split(b"\0")
+            command_line = " ".join(a.decode(errors="replace") for a in args if a)
+        environ = {}
+        for entry in _read(f"/proc/{pid}/environ").split(b"\0"):
+            name, _, value = entry.decode(errors="replace").partition("=")
+            if name in PROCESS_ENVIRON and value:
+                environ[name] = value
+        container_ids = _CONTAINER_ID.findall(_read(f"/proc/{pid}/cgroup").decode(errors="replace"))
+        return cls(pid, executable, command_line or executable, environ,
+                   container_ids[-1] if container_ids else None)
 
 
 class SpanEncoder:
@@ -118,14 +145,17 @@ class SpanEncoder:
         """Capture the identity of processes new to us while they are (most likely) still alive."""
         for event in events:
             if event.pid not in self._processes:
-                binary = self.probes[event.probe_id].binary
-                self._processes[event.pid] = ProcessInfo.read(event.pid, binary)
+                self.remember_process(ProcessInfo.read(event.pid, self.probes[event.probe_id].binary))
 
     def resource_attributes(self, pid: int) -> dict[str, str | int]:
+        """The process's own OTEL_SERVICE_NAME wins, then ours, then the executable's name."""
         info = self._processes.get(pid) or ProcessInfo(pid, "", "")
         attrs: dict[str, str | int] = dict(self._resource_attributes)
+        if info.container_id:
+            attrs["container.id"] = info.container_id
         attrs.update({
-            "service.name": self._service_name
+            "service.name": info.environ.get("OTEL_SERVICE_NAME")
+            or self._service_name
             or self._resource_attributes.get("service.name")
             or os.path.basename(info.executable) or "unknown_service",
             "process.pid": pid,
