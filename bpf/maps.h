@@ -17,6 +17,8 @@ struct call_stack {
 	__u32 depth;             /* calls entered and not yet returned; may exceed MAX_DEPTH */
 	__u32 sampled;           /* the sampler's decision, made at the trace root and inherited */
 	__u64 trace_id[2];       /* trace of the outermost call in flight */
+	__u64 root_parent;       /* span the outermost call is a child of: the HTTP request served, or 0 */
+	__u64 goroutine_id;      /* Go: runtime.g.goid of the goroutine, read at its outermost call */
 	struct frame frames[MAX_DEPTH];
 };
 
@@ -50,6 +52,42 @@ BPF_PERCPU_ARRAY(latency, __u64, NPROBES * LATENCY_SLOTS);
 BPF_PERCPU_ARRAY(unwoken, __u32, 1);
 
 /* Never read or written at run time: its value type lets user space check the compiled event layout. */
-BPF_ARRAY(event_layout, struct span_event, 1);
+BPF_ARRAY(event_layout, struct event_layouts, 1);
+
+#ifdef HTTP_TRACING
+/* A read or write in progress on a thread of a watched process: the syscall's arguments, kept from
+ * entry to exit, where the data is there to read. Keyed by pid_tgid. */
+struct pending_io {
+	__u64 buf;
+	__u32 fd;
+	__u32 pad;
+};
+BPF_HASH(pending_reads, __u64, struct pending_io, MAX_THREADS);
+BPF_HASH(pending_writes, __u64, struct pending_io, MAX_THREADS);
+
+/* Processes whose sockets are watched for HTTP requests, by kernel tgid. Filled by the first probed
+ * call of a process and by user space for the processes it knows. */
+BPF_HASH(http_processes, __u32, __u8, 65536);
+
+struct connection_key {
+	__u32 tgid;
+	__u32 fd;
+};
+
+/* An HTTP request in flight, from its read until its response is written. */
+struct request_context {
+	__u64 trace_id[2];
+	__u64 span_id;           /* of the SERVER span */
+	__u64 thread;            /* pid_tgid of the thread that read it */
+	__u32 sampled;
+	__u32 pad;
+};
+
+/* Requests in flight per connection. LRU: a connection closed behind our back cannot stay forever. */
+BPF_TABLE("lru_hash", struct connection_key, struct request_context, requests, MAX_THREADS);
+
+/* The request each thread is handling, by pid_tgid: probed calls starting there become its children. */
+BPF_TABLE("lru_hash", __u64, struct request_context, thread_requests, MAX_THREADS);
+#endif
 
 #endif

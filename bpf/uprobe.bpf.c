@@ -3,7 +3,8 @@
  *
  * Tunables (-D): NPROBES, MAX_DEPTH, MAX_THREADS, RINGBUF_PAGES, WAKEUP_EVERY, PIDNS_DEV, PIDNS_INO,
  * SAMPLE_ALL or SAMPLE_THRESHOLD (a root is sampled when the lower 64 bits of its trace id, read big-endian,
- * are below it: the OpenTelemetry TraceIdRatioBased rule), MIN_DURATION_NS.
+ * are below it: the OpenTelemetry TraceIdRatioBased rule), PARENT_BASED, MIN_DURATION_NS, and HTTP_TRACING
+ * to add http.bpf.c (appended by user space) and make probed calls children of the request served.
  * User space appends one DEFINE_PROBE(n) line per probed function. */
 #include <uapi/linux/ptrace.h>
 #include "maps.h"
@@ -111,7 +112,24 @@ static __always_inline int find_frame(struct call_stack *stack, __u32 depth, __u
 	return -1;
 }
 
-static __always_inline int on_entry(__u32 probe_id, struct stack_key key)
+/* The HTTP request the current thread is handling, if any. */
+static __always_inline struct request_context *current_request(void)
+{
+#ifdef HTTP_TRACING
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	if (!http_processes.lookup(&tgid)) {
+		__u8 yes = 1;
+		http_processes.update(&tgid, &yes); /* a process with probed calls: watch its sockets too */
+	}
+	return thread_requests.lookup(&id);
+#else
+	return NULL;
+#endif
+}
+
+/* goid_offset: where runtime.g keeps goid in this binary (from its DWARF), 0 when unknown or native. */
+static __always_inline int on_entry(__u32 probe_id, struct stack_key key, __u32 goid_offset)
 {
 	__u64 now = bpf_ktime_get_ns();
 
@@ -134,9 +152,21 @@ static __always_inline int on_entry(__u32 probe_id, struct stack_key key)
 		return 0;
 	}
 	if (depth == 0) {
-		stack->trace_id[0] = random_id();
-		stack->trace_id[1] = random_id();
-		stack->sampled = sample_root(stack->trace_id[1]);
+		struct request_context *request = current_request();
+		if (request) {
+			stack->trace_id[0] = request->trace_id[0];
+			stack->trace_id[1] = request->trace_id[1];
+			stack->root_parent = request->span_id;
+			stack->sampled = request->sampled;
+		} else {
+			stack->trace_id[0] = random_id();
+			stack->trace_id[1] = random_id();
+			stack->root_parent = 0;
+			stack->sampled = sample_root(stack->trace_id[1]);
+		}
+		stack->goroutine_id = 0;
+		if (goid_offset)
+			bpf_probe_read_user(&stack->goroutine_id, sizeof(__u64), (void *)(key.goroutine + goid_offset));
 	}
 	stack->frames[depth].start_ns = now;
 	stack->frames[depth].span_id = random_id();
@@ -187,30 +217,32 @@ static __always_inline int on_return(__u32 probe_id, struct stack_key key)
 		count(COUNTER_EVENTS_LOST);
 		return 0;
 	}
+	event->kind = EVENT_SPAN;
 	event->start_ns = frame->start_ns;
 	event->end_ns = now;
 	event->trace_id[0] = stack->trace_id[0];
 	event->trace_id[1] = stack->trace_id[1];
 	event->span_id = frame->span_id;
 	struct frame *parent = parent_frame(stack, depth);
-	event->parent_span_id = parent ? parent->span_id : 0;
+	event->parent_span_id = parent ? parent->span_id : stack->root_parent;
 	if (parent)
 		parent->child_emitted = 1;
 	event->pid = ns.tgid;
 	event->tid = ns.pid;
 	event->probe_id = probe_id;
 	event->depth = depth;
+	event->goroutine_id = stack->goroutine_id;
 	events.ringbuf_submit(event, wakeup_flag());
 	return 0;
 }
 
 /* Native functions: entry uprobe and uretprobe. */
 #define DEFINE_PROBE(n) \
-	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, thread_key()); } \
+	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, thread_key(), 0); } \
 	int probe_return_##n(struct pt_regs *ctx) { return on_return(n, thread_key()); }
 
 /* Go functions: entry uprobe, and a plain uprobe on each return instruction (a uretprobe would corrupt
  * goroutine stacks when they move). */
-#define DEFINE_GO_PROBE(n) \
-	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, goroutine_key(ctx)); } \
+#define DEFINE_GO_PROBE(n, goid_offset) \
+	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, goroutine_key(ctx), goid_offset); } \
 	int probe_return_##n(struct pt_regs *ctx) { return on_return(n, goroutine_key(ctx)); }

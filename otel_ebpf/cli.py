@@ -57,7 +57,7 @@ def _list_symbols(binary: str, pattern: str | None) -> int:
 def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
     from otel_ebpf import session
     from otel_ebpf.command import Command
-    from otel_ebpf.probes import Probe
+    from otel_ebpf import probes as planning
 
     overrides = {}
     if args.pid is not None:
@@ -76,7 +76,7 @@ def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
     probes = []
     for spec in settings.probes:
         path = symbols.binary_path(spec.binary)
-        probes += [Probe(path, s) for s in symbols.resolve(path, list(spec.symbols))]
+        probes += planning.plan(path, symbols.resolve(path, list(spec.symbols)))
     command = Command(command_argv) if command_argv is not None else None
     return session.run(settings, probes, command)
 

@@ -14,32 +14,19 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
+from opentelemetry.environment_variables import OTEL_METRICS_EXPORTER, OTEL_TRACES_EXPORTER
 from opentelemetry.sdk.environment_variables import (
     OTEL_BSP_EXPORT_TIMEOUT,
     OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
     OTEL_BSP_MAX_QUEUE_SIZE,
     OTEL_BSP_SCHEDULE_DELAY,
-    OTEL_EXPORTER_OTLP_CERTIFICATE,
-    OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
-    OTEL_EXPORTER_OTLP_CLIENT_KEY,
-    OTEL_EXPORTER_OTLP_COMPRESSION,
     OTEL_EXPORTER_OTLP_ENDPOINT,
-    OTEL_EXPORTER_OTLP_HEADERS,
-    OTEL_EXPORTER_OTLP_INSECURE,
-    OTEL_EXPORTER_OTLP_PROTOCOL,
-    OTEL_EXPORTER_OTLP_TIMEOUT,
-    OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE,
-    OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE,
-    OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY,
-    OTEL_EXPORTER_OTLP_TRACES_COMPRESSION,
-    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
-    OTEL_EXPORTER_OTLP_TRACES_HEADERS,
-    OTEL_EXPORTER_OTLP_TRACES_INSECURE,
-    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
-    OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+    OTEL_METRIC_EXPORT_INTERVAL,
+    OTEL_METRIC_EXPORT_TIMEOUT,
     OTEL_RESOURCE_ATTRIBUTES,
     OTEL_SERVICE_NAME,
+    OTEL_TRACES_SAMPLER,
+    OTEL_TRACES_SAMPLER_ARG,
 )
 from pydantic import (
     AfterValidator,
@@ -68,6 +55,15 @@ OTEL_EBPF_MAX_THREADS = "OTEL_EBPF_MAX_THREADS"
 
 OTEL_EBPF_RING_BUFFER_SIZE = "OTEL_EBPF_RING_BUFFER_SIZE"
 """Size of the kernel-to-user ring buffer in bytes (suffix K or M allowed)."""
+
+OTEL_EBPF_MIN_DURATION = "OTEL_EBPF_MIN_DURATION"
+"""Calls shorter than this get no span unless a call nested in them got one."""
+
+OTEL_EBPF_HTTP = "OTEL_EBPF_HTTP"
+"""Whether HTTP/1.x requests to traced processes become SERVER spans that parent their probed calls."""
+
+SIGNALS = ("traces", "metrics")
+"""The OTLP signals exported; each has its own OTEL_EXPORTER_OTLP_{SIGNAL}_* variables."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +148,24 @@ def _milliseconds(text: str) -> float:
         raise ValueError("expected a number of milliseconds") from None
 
 
+_DURATION_UNITS_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
+
+
+def _duration_ns(text: str) -> int:
+    """A duration with a unit (``2ms``, ``500us``, ``1.5s``); a bare number is milliseconds, as in OTEL_* variables."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s)?", text.lower())
+    if not match:
+        raise ValueError("expected a duration such as 2ms, 500us, 1.5s or 250ns (a bare number is milliseconds)")
+    return round(float(match[1]) * _DURATION_UNITS_NS[match[2] or "ms"])
+
+
+def _ratio(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("expected a number from 0 to 1") from None
+
+
 def _boolean(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise ValueError("expected true or false")
@@ -214,10 +228,11 @@ ExistingFile = Annotated[str, AfterValidator(_existing_file)]
 
 
 class OtlpSettings(BaseModel):
-    """Where and how the OTLP exporter sends spans; ``endpoint`` is final, exporters use it as-is."""
+    """Where and how the OTLP exporter sends one signal; ``endpoint`` is final, exporters use it as-is."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    signal: Literal[SIGNALS] = "traces"
     protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
     endpoint: str = Field("", validate_default=True)
     headers: dict[str, str] = {}
@@ -231,10 +246,10 @@ class OtlpSettings(BaseModel):
     @field_validator("endpoint")
     @classmethod
     def _check_endpoint(cls, endpoint: str, info: ValidationInfo) -> str:
-        """An empty endpoint means the spec's default for the protocol."""
+        """An empty endpoint means the spec's default for the protocol and signal."""
         grpc = info.data.get("protocol") == "grpc"
         if not endpoint:
-            return "http://localhost:4317" if grpc else "http://localhost:4318/v1/traces"
+            return "http://localhost:4317" if grpc else f"http://localhost:4318/v1/{info.data.get('signal')}"
         url = urlsplit(endpoint)
         if not grpc and not (url.scheme in ("http", "https") and url.netloc):
             raise ValueError("expected an http:// or https:// URL")
@@ -250,6 +265,56 @@ class OtlpSettings(BaseModel):
         return scheme == "http" if scheme in ("http", "https") else insecure
 
 
+_TRACE_ID_RANGE = 1 << 64
+
+
+class SamplerSettings(BaseModel):
+    """OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, reduced to the decision the kernel makes for a new trace.
+
+    The kernel has no floating point, so a trace root is sampled iff ``sample_all`` or the lower 64 bits of its
+    trace id, read as a big-endian unsigned integer, are below ``bound``: the algorithm of the Python SDK's
+    TraceIdRatioBased, so a trace sampled at some ratio is also sampled at every higher ratio.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Literal[
+        "always_on", "always_off", "traceidratio",
+        "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
+    ] = "parentbased_always_on"
+    ratio: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1.0
+
+    @property
+    def parent_based(self) -> bool:
+        """ParentBased: a span with a parent follows the parent's decision, only roots consult the rule below.
+
+        The other samplers decide from the trace id alone, so all spans of a trace agree anyway; the
+        difference will matter for parents in other processes (remote parents).
+        """
+        return self.name.startswith("parentbased_")
+
+    @property
+    def _exact_bound(self) -> int:
+        root = self.name.removeprefix("parentbased_")
+        if root == "traceidratio":
+            return round(self.ratio * _TRACE_ID_RANGE)
+        return _TRACE_ID_RANGE if root == "always_on" else 0
+
+    @property
+    def sample_all(self) -> bool:
+        """Every root is sampled: 2**64 does not fit the kernel's 64-bit comparison, hence this flag."""
+        return self._exact_bound == _TRACE_ID_RANGE
+
+    @property
+    def bound(self) -> int:
+        """Roots whose trace id's lower 64 bits are below this are sampled (0: none); fits in a u64."""
+        return min(self._exact_bound, _TRACE_ID_RANGE - 1)
+
+    def samples(self, trace_id: bytes) -> bool:
+        """The same rule the kernel applies, for traces whose root user space decides (HTTP requests)."""
+        return self.sample_all or int.from_bytes(trace_id[8:16], "big") < self.bound
+
+
 class Settings(BaseModel):
     """Everything the tracer needs; built by :func:`load_settings`."""
 
@@ -260,14 +325,21 @@ class Settings(BaseModel):
     service_name: str | None = None
     resource_attributes: dict[str, str] = {}
     traces_exporters: tuple[Literal["otlp", "console"], ...] = ("console",)
-    otlp: OtlpSettings = OtlpSettings()
+    metrics_exporters: tuple[Literal["otlp", "console"], ...] = ()
+    otlp: OtlpSettings = OtlpSettings(signal="traces")
+    otlp_metrics: OtlpSettings = OtlpSettings(signal="metrics")
+    sampler: SamplerSettings = SamplerSettings()
     bsp_schedule_delay_s: Seconds = 5.0
     bsp_max_export_batch_size: Annotated[int, Field(gt=0)] = 512
     bsp_max_queue_size: Annotated[int, Field(gt=0)] = 2048
     bsp_export_timeout_s: Seconds = 30.0
+    metric_export_interval_s: Seconds = 60.0
+    metric_export_timeout_s: Seconds = 30.0
     max_depth: Annotated[int, Field(ge=1, le=128)] = 32
     max_threads: Annotated[int, Field(ge=64, le=1 << 20)] = 16384
     ring_buffer_size: Annotated[int, AfterValidator(_power_of_two)] = 8 << 20
+    min_duration_ns: Annotated[int, Field(ge=0)] = 0
+    http: bool = True
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> "Settings":
@@ -282,13 +354,51 @@ class Settings(BaseModel):
 
 @dataclass(frozen=True)
 class _Var:
-    """One setting read from the environment: the first of ``names`` that is set wins."""
+    """One setting read from the environment: the first of ``names`` that is set wins.
+
+    For OTLP exporter options ``signal`` names the signal whose specific variable comes first in ``names``.
+    """
 
     field: str
     names: tuple[str, ...]
     default: str | None
     meaning: str
     parse: Callable[[str], Any] = str
+    signal: str | None = None
+
+
+_OTLP_GROUPS = {"traces": "otlp", "metrics": "otlp_metrics"}
+"""The Settings field holding each signal's OtlpSettings."""
+
+# (field, variable suffix, default, meaning, parse) of each OTLP exporter option: the spec reads it from
+# OTEL_EXPORTER_OTLP_{SIGNAL}_{SUFFIX}, then from OTEL_EXPORTER_OTLP_{SUFFIX}.
+_OTLP_OPTIONS = (
+    ("protocol", "PROTOCOL", "http/protobuf", "grpc or http/protobuf.", _protocol),
+    ("endpoint", "ENDPOINT", None,
+     "Collector URL; for http/protobuf /v1/traces or /v1/metrics is appended (not to the signal-specific variables). "
+     "Default http://localhost:4318 (grpc: http://localhost:4317).", str),
+    ("headers", "HEADERS", None, "Request headers, k=v,k2=v2, percent-encoded.", _headers),
+    ("timeout_s", "TIMEOUT", "10000", "Export request timeout, ms.", _milliseconds),
+    ("compression", "COMPRESSION", "none", "gzip or none.", str.lower),
+    ("insecure", "INSECURE", "false",
+     "true: grpc without TLS; only used when the endpoint has no http:// or https:// scheme.", _boolean),
+    ("certificate", "CERTIFICATE", None, "CA certificate file to verify the collector.", str),
+    ("client_key", "CLIENT_KEY", None, "Client private key file for mTLS.", str),
+    ("client_certificate", "CLIENT_CERTIFICATE", None, "Client certificate file for mTLS.", str),
+)
+
+_OTLP_VARS = tuple(
+    _Var(f"{_OTLP_GROUPS[signal]}.{field}",
+         (f"OTEL_EXPORTER_OTLP_{signal.upper()}_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}"),
+         default, meaning, parse, signal)
+    for field, suffix, default, meaning, parse in _OTLP_OPTIONS
+    for signal in SIGNALS
+)
+
+
+def _exporters_meaning(signal: str, fallback: str) -> str:
+    return (f"Comma-separated otlp, console, none. Default: otlp if {OTEL_EXPORTER_OTLP_ENDPOINT} or "
+            f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT is set, else {fallback}.")
 
 
 # The only list of variables: load_settings reads them and SETTINGS_DOC documents them.
@@ -296,55 +406,53 @@ _VARS = (
     _Var("probes", (OTEL_EBPF_PROBES,), None,
          "What to trace: BINARY:SYMBOL[,SYMBOL...] entries separated by ';'.", parse_probes),
     _Var("pid", (OTEL_EBPF_PID,), None, "Trace only this process id."),
-    _Var("service_name", (OTEL_SERVICE_NAME,), None, "service.name of the spans' resource."),
+    _Var("service_name", (OTEL_SERVICE_NAME,), None, "service.name of the spans' and metrics' resource."),
     _Var("resource_attributes", (OTEL_RESOURCE_ATTRIBUTES,), None,
          "Resource attributes, k=v,k2=v2, percent-encoded.", _key_values),
-    _Var("traces_exporters", (OTEL_TRACES_EXPORTER,), None,
-         "Comma-separated otlp, console, none. Default: otlp if an OTLP endpoint variable is set, else console.",
-         _exporters),
-    _Var("otlp.protocol", (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL), "http/protobuf",
-         "grpc or http/protobuf.", _protocol),
-    _Var("otlp.endpoint", (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT), None,
-         f"Collector URL; for http/protobuf /v1/traces is appended (not to {OTEL_EXPORTER_OTLP_TRACES_ENDPOINT}). "
-         "Default http://localhost:4318 (grpc: http://localhost:4317)."),
-    _Var("otlp.headers", (OTEL_EXPORTER_OTLP_TRACES_HEADERS, OTEL_EXPORTER_OTLP_HEADERS), None,
-         "Request headers, k=v,k2=v2, percent-encoded.", _headers),
-    _Var("otlp.timeout_s", (OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT), "10000",
-         "Export request timeout, ms.", _milliseconds),
-    _Var("otlp.compression", (OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, OTEL_EXPORTER_OTLP_COMPRESSION), "none",
-         "gzip or none.", str.lower),
-    _Var("otlp.insecure", (OTEL_EXPORTER_OTLP_TRACES_INSECURE, OTEL_EXPORTER_OTLP_INSECURE), "false",
-         "true: grpc without TLS; only used when the endpoint has no http:// or https:// scheme.", _boolean),
-    _Var("otlp.certificate", (OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE, OTEL_EXPORTER_OTLP_CERTIFICATE), None,
-         "CA certificate file to verify the collector."),
-    _Var("otlp.client_key", (OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY, OTEL_EXPORTER_OTLP_CLIENT_KEY), None,
-         "Client private key file for mTLS."),
-    _Var("otlp.client_certificate",
-         (OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE), None,
-         "Client certificate file for mTLS."),
+    _Var("traces_exporters", (OTEL_TRACES_EXPORTER,), None, _exporters_meaning("traces", "console"), _exporters),
+    _Var("metrics_exporters", (OTEL_METRICS_EXPORTER,), None, _exporters_meaning("metrics", "none"), _exporters),
+    _Var("sampler.name", (OTEL_TRACES_SAMPLER,), "parentbased_always_on",
+         "Which traces get spans: always_on, always_off, traceidratio, or parentbased_ and one of these. "
+         "The root call of a trace decides, nested calls follow it.", str.lower),
+    _Var("sampler.ratio", (OTEL_TRACES_SAMPLER_ARG,), "1.0",
+         "Share of traces the traceidratio samplers keep, 0 to 1.", _ratio),
+    *_OTLP_VARS,
     _Var("bsp_schedule_delay_s", (OTEL_BSP_SCHEDULE_DELAY,), "5000",
          "Delay between two batch exports, ms.", _milliseconds),
     _Var("bsp_max_export_batch_size", (OTEL_BSP_MAX_EXPORT_BATCH_SIZE,), "512",
          "Most spans per export; at most the queue size."),
-    _Var("bsp_max_queue_size", (OTEL_BSP_MAX_QUEUE_SIZE,), "2048", "Most spans waiting for export; more are dropped."),
+    _Var("bsp_max_queue_size", (OTEL_BSP_MAX_QUEUE_SIZE,), "2048",
+         "Most spans waiting for export in the sidecar; more wait in the kernel's ring buffer."),
     _Var("bsp_export_timeout_s", (OTEL_BSP_EXPORT_TIMEOUT,), "30000",
          "Longest a batch export may take, ms.", _milliseconds),
+    _Var("metric_export_interval_s", (OTEL_METRIC_EXPORT_INTERVAL,), "60000",
+         "Delay between two metric exports, ms.", _milliseconds),
+    _Var("metric_export_timeout_s", (OTEL_METRIC_EXPORT_TIMEOUT,), "30000",
+         "Longest a metric export may take, ms.", _milliseconds),
     _Var("max_depth", (OTEL_EBPF_MAX_DEPTH,), "32",
          "Nested probed calls tracked per thread (1-128); deeper ones get no span."),
     _Var("max_threads", (OTEL_EBPF_MAX_THREADS,), "16384",
          "Threads with probed calls in flight tracked at once (64-1048576)."),
     _Var("ring_buffer_size", (OTEL_EBPF_RING_BUFFER_SIZE,), "8M",
          "Kernel-to-user ring buffer, bytes (K/M suffix), a power of two >= 4096.", _byte_size),
+    _Var("min_duration_ns", (OTEL_EBPF_MIN_DURATION,), "0",
+         "Calls shorter than this get no span unless a call nested in them got one; "
+         "unit ns, us, ms or s (a bare number is ms); 0: off.", _duration_ns),
+    _Var("http", (OTEL_EBPF_HTTP,), "true",
+         "true: HTTP/1.x requests to traced processes become SERVER spans, parents of the probed calls "
+         "that serve them (joining the caller's trace through its traceparent header).", _boolean),
 )
 
 
 def _doc_rows() -> list[tuple[str, str, str]]:
-    rows = []
+    """One row per variable; a generic OTLP variable shared by several signals is listed once."""
+    rows: dict[str, tuple[str, str, str]] = {}
     for var in _VARS:
         *specific, general = var.names
-        rows.append((general, var.default or "", var.meaning))
-        rows += [(name, var.default or "", f"Like {general}, for traces only; wins over it.") for name in specific]
-    return rows
+        rows.setdefault(general, (general, var.default or "", var.meaning))
+        for name in specific:
+            rows[name] = (name, var.default or "", f"Like {general}, for {var.signal} only; wins over it.")
+    return list(rows.values())
 
 
 SETTINGS_DOC: list[tuple[str, str, str]] = _doc_rows()
@@ -388,7 +496,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if unknown := overrides.keys() - Settings.model_fields.keys():
         raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {"otlp": {}}
+    values: dict[str, Any] = {group: {"signal": signal} for signal, group in _OTLP_GROUPS.items()}
     found: dict[str, tuple[_Var, str, str]] = {}
     for var in _VARS:
         hit = _lookup(environ, var.names)
@@ -402,13 +510,15 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         if hit:
             found[var.field] = (var, name, text)
         group, _, key = var.field.rpartition(".")
-        (values[group] if group else values)[key] = value
+        (values.setdefault(group, {}) if group else values)[key] = value
 
-    endpoint = found.get("otlp.endpoint")
-    if endpoint and endpoint[1] == OTEL_EXPORTER_OTLP_ENDPOINT and values["otlp"]["protocol"] == "http/protobuf":
-        values["otlp"]["endpoint"] = endpoint[2].rstrip("/") + "/v1/traces"
-    if "traces_exporters" not in found and "traces_exporters" not in overrides:
-        values["traces_exporters"] = ("otlp",) if endpoint else ("console",)
+    for signal, group in _OTLP_GROUPS.items():
+        endpoint = found.get(f"{group}.endpoint")
+        if endpoint and endpoint[1] == OTEL_EXPORTER_OTLP_ENDPOINT and values[group]["protocol"] == "http/protobuf":
+            values[group]["endpoint"] = endpoint[2].rstrip("/") + f"/v1/{signal}"
+        exporters = f"{signal}_exporters"
+        if exporters not in found and exporters not in overrides:
+            values[exporters] = ("otlp",) if endpoint else Settings.model_fields[exporters].default
 
     values.update(overrides)
     try:

@@ -1,8 +1,9 @@
-"""Moving already-encoded OTLP trace requests to a collector, and batching between tracer and network.
+"""Moving already-encoded OTLP export requests to a collector, and batching between tracer and network.
 
 The span encoder upstream produces ExportTraceServiceRequest bytes directly, so nothing here builds
 SDK span objects: transports send bytes, sinks receive batches, and one background thread does all
-network I/O so the ring-buffer drain loop never waits on a collector.
+network I/O so the ring-buffer drain loop never waits on a collector. The same transports carry
+metrics (ExportMetricsServiceRequest); only the gRPC method and the response type depend on the signal.
 
 Retry rules follow the OTLP specification: HTTP 429/502/503/504 and connection failures are retried,
 other HTTP errors are not; gRPC retries CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE,
@@ -23,21 +24,42 @@ import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Protocol, TextIO
 from urllib.parse import urlsplit
 
 import grpc
 import requests
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from otel_ebpf import __version__
+from otel_ebpf.config import OtlpSettings
 from otel_ebpf.errors import UserError
 
 logger = logging.getLogger("otel_ebpf.export")
 
 USER_AGENT = f"otel-ebpf/{__version__}"
-_GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+@dataclass(frozen=True)
+class _Signal:
+    """What differs between exporting traces and metrics over OTLP."""
+
+    grpc_method: str
+    response: type[Message]
+    rejected_field: str  # of the response's partial_success
+    noun: str  # what rejected_field counts, for messages
+
+
+_SIGNALS = {
+    "traces": _Signal("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                      ExportTraceServiceResponse, "rejected_spans", "spans"),
+    "metrics": _Signal("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+                       ExportMetricsServiceResponse, "rejected_data_points", "data points"),
+}
 _RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
 _RETRYABLE_GRPC = frozenset(
     {
@@ -67,11 +89,13 @@ class _Retryable(Exception):
 class _Transport(abc.ABC):
     """The retry loop both OTLP transports share; subclasses make one attempt."""
 
-    def __init__(self, endpoint: str, timeout_s: float, compression: str, backoff_s: float, max_backoff_s: float):
+    def __init__(self, endpoint: str, timeout_s: float, compression: str, backoff_s: float, max_backoff_s: float,
+                 signal: str):
         if compression not in _COMPRESSIONS:
             raise UserError(f"unknown OTLP compression {compression!r}", hint="use 'gzip' or 'none'")
         self.endpoint = endpoint
-        self.rejected_spans = 0
+        self.rejected = 0  # spans or metric data points refused as a partial success, in total
+        self._signal = _SIGNALS[signal]
         self._timeout_s = timeout_s
         self._gzip = compression == "gzip"
         self._backoff_s = backoff_s
@@ -80,10 +104,10 @@ class _Transport(abc.ABC):
         self._warned_rejection = False
 
     def send(self, payload: bytes, deadline: float) -> int:
-        """Deliver one ExportTraceServiceRequest before ``deadline`` (a time.monotonic() value).
+        """Deliver one export request of this transport's signal before ``deadline`` (a time.monotonic() value).
 
-        Returns how many spans the server rejected as a partial success (0 normally); these are
-        not retried, as the spec requires. Raises ExportError when delivery is impossible.
+        Returns how many spans or data points the server rejected as a partial success (0 normally);
+        these are not retried, as the spec requires. Raises ExportError when delivery is impossible.
         """
         backoff = self._backoff_s
         while True:
@@ -113,18 +137,19 @@ class _Transport(abc.ABC):
         self._closed.set()
 
     @abc.abstractmethod
-    def _attempt(self, payload: bytes, timeout_s: float) -> ExportTraceServiceResponse:
+    def _attempt(self, payload: bytes, timeout_s: float) -> Message:
         """One request: return the response, raise _Retryable or ExportError."""
 
-    def _note_partial_success(self, response: ExportTraceServiceResponse) -> int:
-        rejected = response.partial_success.rejected_spans
+    def _note_partial_success(self, response: Message) -> int:
+        rejected = getattr(response.partial_success, self._signal.rejected_field)
         if rejected > 0:
-            self.rejected_spans += rejected
+            self.rejected += rejected
             if not self._warned_rejection:
                 self._warned_rejection = True
                 logger.warning(
-                    "%s rejected %d spans: %s (further rejections are only counted)",
-                    self.endpoint, rejected, response.partial_success.error_message or "no reason given",
+                    "%s rejected %d %s: %s (further rejections are only counted)",
+                    self.endpoint, rejected, self._signal.noun,
+                    response.partial_success.error_message or "no reason given",
                 )
         return rejected
 
@@ -143,8 +168,9 @@ class HttpTransport(_Transport):
         client_certificate: str | None = None,
         backoff_s: float = 1.0,
         max_backoff_s: float = 32.0,
+        signal: str = "traces",
     ):
-        super().__init__(endpoint, timeout_s, compression, backoff_s, max_backoff_s)
+        super().__init__(endpoint, timeout_s, compression, backoff_s, max_backoff_s, signal)
         self._session = requests.Session()
         self._session.headers.update(
             {"User-Agent": USER_AGENT, **headers, "Content-Type": "application/x-protobuf"}
@@ -160,7 +186,7 @@ class HttpTransport(_Transport):
         """As _Transport.send; the body is compressed once, not per attempt."""
         return super().send(gzip.compress(payload) if self._gzip else payload, deadline)
 
-    def _attempt(self, body: bytes, timeout_s: float) -> ExportTraceServiceResponse:
+    def _attempt(self, body: bytes, timeout_s: float) -> Message:
         try:
             response = self._session.post(
                 self.endpoint, data=body, timeout=timeout_s, verify=self._verify, cert=self._cert
@@ -174,9 +200,9 @@ class HttpTransport(_Transport):
         if not response.ok:
             raise ExportError(f"{self.endpoint}: HTTP {response.status_code} {_status_message(response.content)}".rstrip())
         try:
-            return ExportTraceServiceResponse.FromString(response.content)
+            return self._signal.response.FromString(response.content)
         except Exception:  # a 200 with an unreadable body still means the data was accepted
-            return ExportTraceServiceResponse()
+            return self._signal.response()
 
     def close(self) -> None:
         super().close()
@@ -198,9 +224,10 @@ class GrpcTransport(_Transport):
         insecure: bool = False,
         backoff_s: float = 1.0,
         max_backoff_s: float = 32.0,
+        signal: str = "traces",
     ):
         """``http://`` means plaintext and ``https://`` TLS; ``insecure`` decides only without a scheme."""
-        super().__init__(endpoint, timeout_s, compression, backoff_s, max_backoff_s)
+        super().__init__(endpoint, timeout_s, compression, backoff_s, max_backoff_s, signal)
         target, use_tls = _grpc_target(endpoint, insecure)
         options = [
             ("grpc.primary_user_agent", USER_AGENT),
@@ -221,11 +248,11 @@ class GrpcTransport(_Transport):
         else:
             self._channel = grpc.insecure_channel(target, options, compression_algorithm)
         self._export = self._channel.unary_unary(
-            _GRPC_METHOD, request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString
+            self._signal.grpc_method, request_serializer=None, response_deserializer=self._signal.response.FromString
         )
         self._metadata = [(name.lower(), value) for name, value in headers.items()]
 
-    def _attempt(self, payload: bytes, timeout_s: float) -> ExportTraceServiceResponse:
+    def _attempt(self, payload: bytes, timeout_s: float) -> Message:
         try:
             return self._export(payload, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -239,6 +266,17 @@ class GrpcTransport(_Transport):
     def close(self) -> None:
         super().close()
         self._channel.close()
+
+
+def otlp_transport(otlp: OtlpSettings) -> HttpTransport | GrpcTransport:
+    """The transport ``otlp`` describes, for the signal it was resolved for."""
+    options = dict(
+        compression=otlp.compression, certificate=otlp.certificate, client_key=otlp.client_key,
+        client_certificate=otlp.client_certificate, signal=otlp.signal,
+    )
+    if otlp.protocol == "grpc":
+        return GrpcTransport(otlp.endpoint, otlp.headers, otlp.timeout_s, insecure=otlp.insecure, **options)
+    return HttpTransport(otlp.endpoint, otlp.headers, otlp.timeout_s, **options)
 
 
 def _grpc_target(endpoint: str, insecure: bool) -> tuple[str, bool]:
@@ -357,47 +395,82 @@ class ConsoleSink:
         self._stream.flush()
 
 
-class _FailureReport:
-    """Turns a stream of export failures into a first warning, periodic summaries and a recovery note."""
+def deliver(sinks: list[Sink], batch: Batch, deadline: float) -> tuple[int, str | None]:
+    """Export ``batch`` to every sink: (items rejected in total, the last failure's reason or None).
 
-    def __init__(self, interval_s: float):
+    A sink failing does not keep the others from getting the batch.
+    """
+    failure = None
+    rejected = 0
+    for sink in sinks:
+        try:
+            rejected += sink.export(batch, deadline) or 0
+        except ExportError as exc:
+            failure = str(exc)
+        except Exception as exc:  # a bug in a sink or the encoder must not end the export thread
+            logger.debug("export to %r raised", sink, exc_info=True)
+            failure = f"{type(exc).__name__}: {exc}"
+    return rejected, failure
+
+
+def close_all(sinks: list[Sink]) -> None:
+    """Close every sink; one failing to close does not keep the others open."""
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception as exc:
+            logger.debug("closing %r failed: %s", sink, exc)
+
+
+class FailureReport:
+    """Turns a stream of export failures into a first warning, periodic summaries and a recovery note.
+
+    ``signal`` names what is exported and ``noun`` what is counted: "span" and "spans", "metric" and "data points".
+    """
+
+    def __init__(self, interval_s: float, signal: str = "span", noun: str = "spans"):
         self._interval_s = interval_s
+        self._signal = signal
+        self._noun = noun
         self._failing = False
         self._window_start = 0.0
         self._batches = 0
-        self._spans = 0
+        self._failed_items = 0
         self._total_batches = 0
 
-    def failed(self, spans: int, reason: str) -> None:
+    def failed(self, items: int, reason: str) -> None:
         now = time.monotonic()
         self._total_batches += 1
         if not self._failing:
             self._failing = True
             self._window_start = now
             logger.warning(
-                "span export failed, %d spans dropped: %s (repeats are summarised every %gs)",
-                spans, reason, self._interval_s,
+                "%s export failed, %d %s dropped: %s (repeats are summarised every %gs)",
+                self._signal, items, self._noun, reason, self._interval_s,
             )
             return
         self._batches += 1
-        self._spans += spans
+        self._failed_items += items
         if now - self._window_start >= self._interval_s:
             logger.warning(
-                "%d batches / %d spans failed in the last %gs: %s",
-                self._batches, self._spans, self._interval_s, reason,
+                "%d batches / %d %s failed in the last %gs: %s",
+                self._batches, self._failed_items, self._noun, self._interval_s, reason,
             )
             self._window_start = now
-            self._batches = self._spans = 0
+            self._batches = self._failed_items = 0
 
     def succeeded(self) -> None:
         if self._failing:
-            logger.warning("span export recovered after %d failed batches", self._total_batches)
+            logger.warning("%s export recovered after %d failed batches", self._signal, self._total_batches)
             self._failing = False
-            self._batches = self._spans = self._total_batches = 0
+            self._batches = self._failed_items = self._total_batches = 0
 
 
 class BatchProcessor:
-    """Bounded queue between the ring-buffer drain loop (producer, must never block) and one export thread."""
+    """Bounded queue between the ring-buffer drain loop (producer, must never block) and one export thread.
+
+    The drain loop asks for room() before reading the ring buffer, so a slow exporter leaves events in
+    the kernel's ring buffer (compact, bounded, counted when full) instead of piling up Python objects."""
 
     def __init__(
         self,
@@ -415,9 +488,10 @@ class BatchProcessor:
         self._max_batch_size = max_batch_size
         self._schedule_delay_s = schedule_delay_s
         self._export_timeout_s = export_timeout_s
-        self._report = _FailureReport(report_interval_s)
+        self._report = FailureReport(report_interval_s)
         self._queue: collections.deque = collections.deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # items queued, or shutdown
+        self._has_room = threading.Condition(self._cond)  # the export thread took items
         self._stop_deadline: float | None = None
         self._exported = self._dropped_full = self._dropped_shutdown = self._failed = self._rejected = 0
         self._thread = threading.Thread(target=self._run, name="otel-ebpf-export", daemon=True)
@@ -437,6 +511,15 @@ class BatchProcessor:
             if len(self._queue) >= self._max_batch_size:
                 self._cond.notify()
 
+    def room(self) -> int:
+        with self._cond:
+            return self._max_queue_size - len(self._queue)
+
+    def wait_for_room(self, timeout_s: float) -> None:
+        with self._cond:
+            if len(self._queue) >= self._max_queue_size:
+                self._has_room.wait(timeout_s)
+
     def shutdown(self, timeout_s: float) -> None:
         """Export everything queued within ``timeout_s``, then close the sinks; later calls do nothing."""
         with self._cond:
@@ -446,11 +529,7 @@ class BatchProcessor:
             self._cond.notify()
         self._thread.join(timeout_s)
         # Closing interrupts a retry still waiting on a dead collector; the thread then ends quickly.
-        for sink in self._sinks:
-            try:
-                sink.close()
-            except Exception as exc:
-                logger.debug("closing %r failed: %s", sink, exc)
+        close_all(self._sinks)
         self._thread.join(1.0)
         with self._cond:
             self._dropped_shutdown += len(self._queue)
@@ -477,6 +556,8 @@ class BatchProcessor:
                     self._cond.wait(self._schedule_delay_s)
                 take = min(len(self._queue), self._max_batch_size)
                 items = [self._queue.popleft() for _ in range(take)]
+                if items:
+                    self._has_room.notify()
                 stopping = self._stop_deadline is not None
                 if not items and stopping:
                     return
@@ -487,17 +568,7 @@ class BatchProcessor:
         deadline = time.monotonic() + self._export_timeout_s
         if self._stop_deadline is not None:
             deadline = min(deadline, self._stop_deadline)
-        batch = Batch(items, self._encode)
-        failure = None
-        rejected = 0
-        for sink in self._sinks:
-            try:
-                rejected += sink.export(batch, deadline) or 0
-            except ExportError as exc:
-                failure = str(exc)
-            except Exception as exc:  # a bug in a sink or the encoder must not end the export thread
-                logger.debug("export to %r raised", sink, exc_info=True)
-                failure = f"{type(exc).__name__}: {exc}"
+        rejected, failure = deliver(self._sinks, Batch(items, self._encode), deadline)
         with self._cond:
             self._rejected += rejected
             if failure is None:

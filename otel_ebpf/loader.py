@@ -20,14 +20,17 @@ import sys
 from otel_ebpf import events
 from otel_ebpf.errors import UserError
 
-MAPS = ("events", "counters", "latency")
+MAPS = ("events", "counters", "latency")  # always handed over; the request may ask for more
 FDS_PER_MESSAGE = 250  # the kernel accepts at most 253 descriptors per message (SCM_MAX_FD)
 
 
-def _check_event_layout(bpf) -> None:
-    leaf = bpf["event_layout"].Leaf
-    offsets = {name: (getattr(leaf, name).offset, getattr(leaf, name).size) for name, _ in leaf._fields_}
-    events.check_layout(offsets, ctypes.sizeof(leaf))
+def _check_event_layouts(bpf) -> None:
+    """The compiler's view of every event struct, through the value type of the `event_layout` map."""
+    members = dict(bpf["event_layout"].Leaf._fields_)
+    for event_type in events.EVENT_TYPES:
+        struct = members[event_type.member]
+        offsets = {name: (getattr(struct, name).offset, getattr(struct, name).size) for name, _ in struct._fields_}
+        events.check_layout(event_type, offsets, ctypes.sizeof(struct))
 
 
 def load(request: dict):
@@ -39,15 +42,19 @@ def load(request: dict):
     except Exception as exc:
         raise UserError(f"could not compile the BPF program: {exc}",
                         "see the compiler messages above; the kernel headers may not fit this kernel") from None
-    _check_event_layout(bpf)
+    _check_event_layouts(bpf)
     pid = request["pid"] or -1
-    for i, (binary, address, name) in enumerate(request["probes"]):
-        where = dict(name=binary.encode(), addr=address, pid=pid)
+    for i, probe in enumerate(request["probes"]):
+        binary, entry, ret = probe["binary"].encode(), f"probe_entry_{i}".encode(), f"probe_return_{i}".encode()
         try:
-            bpf.attach_uprobe(fn_name=f"probe_entry_{i}".encode(), **where)
-            bpf.attach_uretprobe(fn_name=f"probe_return_{i}".encode(), **where)
+            bpf.attach_uprobe(name=binary, addr=probe["entry"], fn_name=entry, pid=pid)
+            if probe["returns"]:
+                for address in probe["returns"]:
+                    bpf.attach_uprobe(name=binary, addr=address, fn_name=ret, pid=pid)
+            else:
+                bpf.attach_uretprobe(name=binary, addr=probe["address"], fn_name=ret, pid=pid)
         except Exception as exc:
-            raise UserError(f"could not attach to {name} in {binary}: {exc}",
+            raise UserError(f"could not attach to {probe['name']} in {probe['binary']}: {exc}",
                             "check that the binary (and the process, with --pid) still exist") from None
     return bpf
 
@@ -55,13 +62,15 @@ def load(request: dict):
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     try:
-        bpf = load(json.load(sys.stdin))
-        map_fds = [bpf[name].map_fd for name in MAPS]
-        perf_fds = list(bpf.uprobe_fds.values())
-        header = {"ok": True, "uprobes": len(perf_fds)}
+        request = json.load(sys.stdin)
+        bpf = load(request)
+        map_fds = [bpf[name].map_fd for name in request["maps"]]
+        # Tracepoints (HTTP) were attached by BCC itself when it loaded the program.
+        attachments = list(bpf.uprobe_fds.values()) + list(bpf.tracepoint_fds.values())
+        header = {"ok": True, "attachments": len(attachments)}
         socket.send_fds(sock, [json.dumps(header).encode()], map_fds)
-        for start in range(0, len(perf_fds), FDS_PER_MESSAGE):
-            socket.send_fds(sock, [b"."], perf_fds[start:start + FDS_PER_MESSAGE])
+        for start in range(0, len(attachments), FDS_PER_MESSAGE):
+            socket.send_fds(sock, [b"."], attachments[start:start + FDS_PER_MESSAGE])
     except UserError as err:
         sock.send(json.dumps({"ok": False, "message": err.message, "hint": err.hint}).encode())
     except Exception as exc:  # anything else still has to reach the parent as one line

@@ -13,12 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from otel_ebpf import events, loader
+from otel_ebpf import events, golang, loader
 from otel_ebpf.errors import UserError
 from otel_ebpf.symbols import FunctionSymbol
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM = "uprobe.bpf.c"
+HTTP_PROGRAM = "http.bpf.c"
 # Consumer wake-ups per emitted events: one in WAKEUP_EVERY; a short poll timer catches the rest.
 WAKEUP_EVERY = 64
 # More probes than this means a pattern matched far more than intended (e.g. "*" over libc).
@@ -31,10 +32,36 @@ _CAP_PERFMON, _CAP_BPF = 38, 39
 
 @dataclass(frozen=True)
 class Probe:
-    """One function to trace; its position in the probe list is the probe id the kernel reports."""
+    """One function to trace and where its uprobes go; its position in the probe list is the probe id
+    the kernel reports.
+
+    Native code: an entry uprobe at the function's address and a uretprobe. Go code (`returns` given):
+    an entry uprobe past the stack-growth check and a plain uprobe on every return instruction, paired
+    per goroutine (see golang.py for why, and for the function shapes that are refused).
+    """
 
     binary: str
     symbol: FunctionSymbol
+    entry: int
+    returns: tuple[int, ...] = ()
+    goid_offset: int = 0  # Go: where runtime.g keeps the goroutine id, 0 when unknown
+
+    @property
+    def is_go(self) -> bool:
+        return bool(self.returns)
+
+
+def plan(binary: str, functions: list[FunctionSymbol]) -> list[Probe]:
+    """The probes for functions of one binary."""
+    if golang.go_version(binary) is None:
+        return [Probe(binary, f, f.address) for f in functions]
+    golang.check_register_abi(binary)
+    goid_offset = golang.goid_offset(binary)
+    probes = []
+    for f in functions:
+        shape = golang.traceable_shape(binary, f)
+        probes.append(Probe(binary, f, shape.entry, tuple(shape.returns), goid_offset))
+    return probes
 
 
 @dataclass(frozen=True)
@@ -45,7 +72,9 @@ class Tunables:
     max_threads: int = 16384
     ring_buffer_size: int = 8 << 20
     sample_threshold: int | None = None  # None: sample every trace root
+    parent_based: bool = True
     min_duration_ns: int = 0
+    http: bool = False
 
 
 def check_privileges() -> None:
@@ -82,8 +111,9 @@ def _pid_namespace() -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def build_program(n_probes: int, tunables: Tunables) -> tuple[str, list[str]]:
+def build_program(probes: list[Probe], tunables: Tunables) -> tuple[str, list[str]]:
     """Source text and compiler flags: the program, one DEFINE_PROBE per function, the tunables."""
+    n_probes = len(probes)
     dev, ino = _pid_namespace()
     cflags = [
         f"-I{BPF_DIR}",
@@ -97,7 +127,13 @@ def build_program(n_probes: int, tunables: Tunables) -> tuple[str, list[str]]:
         f"-DMIN_DURATION_NS={tunables.min_duration_ns}ULL",
         "-DSAMPLE_ALL" if tunables.sample_threshold is None else f"-DSAMPLE_THRESHOLD={tunables.sample_threshold}ULL",
     ]
-    source = (BPF_DIR / PROGRAM).read_text() + "".join(f"DEFINE_PROBE({i})\n" for i in range(n_probes))
+    cflags += ["-DPARENT_BASED"] if tunables.parent_based else []
+    cflags += ["-DHTTP_TRACING"] if tunables.http else []
+    source = (BPF_DIR / PROGRAM).read_text() + "".join(
+        f"DEFINE_GO_PROBE({i}, {p.goid_offset})\n" if p.is_go else f"DEFINE_PROBE({i})\n"
+        for i, p in enumerate(probes))
+    if tunables.http:
+        source += (BPF_DIR / HTTP_PROGRAM).read_text()
     return source, cflags
 
 
@@ -109,8 +145,16 @@ class _MapAttr(ctypes.Structure):
 
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}[platform.machine()]
-_BPF_MAP_LOOKUP_ELEM = 1
+_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM = 1, 2
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _map_call(command: int, fd: int, key: ctypes.Array | ctypes._SimpleCData, value) -> None:
+    """One bpf() map command; the caller keeps key and value alive."""
+    attr = _MapAttr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    if _libc.syscall(_NR_BPF, command, ctypes.byref(attr), ctypes.sizeof(attr)):
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"bpf map command {command}: {os.strerror(errno)}")
 
 
 def _possible_cpus() -> int:
@@ -129,12 +173,10 @@ class PerCpuArray:
     def sums(self) -> list[int]:
         """Every slot, summed over the CPUs."""
         key, values = ctypes.c_uint32(), (ctypes.c_uint64 * self._cpus)()
-        attr = _MapAttr(map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(values))
         result = []
         for i in range(self.size):
             key.value = i
-            if _libc.syscall(_NR_BPF, _BPF_MAP_LOOKUP_ELEM, ctypes.byref(attr), ctypes.sizeof(attr)):
-                raise OSError(ctypes.get_errno(), f"bpf map lookup: {os.strerror(ctypes.get_errno())}")
+            _map_call(_BPF_MAP_LOOKUP_ELEM, self.fd, key, values)
             result.append(sum(values))
         return result
 
@@ -152,17 +194,24 @@ class ProbeSet:
         check_kernel_headers()
         self.probes = probes
         self.ring_buffer_size = tunables.ring_buffer_size
-        source, cflags = build_program(len(probes), tunables)
-        request = {"source": source, "cflags": cflags, "pid": pid,
-                   "probes": [(p.binary, p.symbol.address, p.symbol.demangled) for p in probes]}
-        map_fds, self._uprobe_fds = _run_loader(request)
+        source, cflags = build_program(probes, tunables)
+        maps = list(loader.MAPS) + (["http_processes"] if tunables.http else [])
+        request = {"source": source, "cflags": cflags, "pid": pid, "maps": maps,
+                   "probes": [{"binary": p.binary, "name": p.symbol.demangled, "address": p.symbol.address,
+                               "entry": p.entry, "returns": p.returns} for p in probes]}
+        map_fds, self._attachment_fds = _run_loader(request)
         self._map_fds = map_fds
-        self._events_fd, counters_fd, latency_fd = map_fds
-        self._counters = PerCpuArray(counters_fd, len(events.COUNTERS))
-        self._latency = PerCpuArray(latency_fd, len(probes) * LATENCY_SLOTS)
+        self._maps = dict(zip(maps, map_fds))
+        self._counters = PerCpuArray(self._maps["counters"], len(events.COUNTERS))
+        self._latency = PerCpuArray(self._maps["latency"], len(probes) * LATENCY_SLOTS)
 
     def ring(self) -> events.RingReader:
-        return events.RingReader(self._events_fd, self.ring_buffer_size)
+        return events.RingReader(self._maps["events"], self.ring_buffer_size)
+
+    def watch_http(self, pid: int) -> None:
+        """Watch this process's sockets for HTTP requests from now on (kernel pid, as in the root namespace)."""
+        if "http_processes" in self._maps:
+            _map_call(_BPF_MAP_UPDATE_ELEM, self._maps["http_processes"], ctypes.c_uint32(pid), ctypes.c_uint8(1))
 
     def counters(self) -> dict[str, int]:
         return dict(zip(events.COUNTERS, self._counters.sums()))
@@ -174,14 +223,14 @@ class ProbeSet:
                 for i in range(0, len(slots), LATENCY_SLOTS)]
 
     def close(self) -> None:
-        """Closing the uprobe descriptors detaches the probes; the kernel frees the rest."""
-        for fd in self._uprobe_fds + self._map_fds:
+        """Closing the uprobe and tracepoint descriptors detaches the programs; the kernel frees the rest."""
+        for fd in self._attachment_fds + self._map_fds:
             os.close(fd)
-        self._uprobe_fds = self._map_fds = []
+        self._attachment_fds = self._map_fds = []
 
 
 def _run_loader(request: dict) -> tuple[list[int], list[int]]:
-    """Run loader.py in a child; returns (map fds, uprobe fds) or raises its UserError."""
+    """Run loader.py in a child; returns (map fds, attachment fds) or raises its UserError."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours:
         child = subprocess.Popen([sys.executable, "-m", "otel_ebpf.loader", str(theirs.fileno())],
@@ -189,14 +238,14 @@ def _run_loader(request: dict) -> tuple[list[int], list[int]]:
         theirs.close()
         child.stdin.write(json.dumps(request).encode())
         child.stdin.close()
-        message, map_fds, _, _ = socket.recv_fds(ours, 65536, len(loader.MAPS))
+        message, map_fds, _, _ = socket.recv_fds(ours, 65536, len(request["maps"]))
         answer = json.loads(message) if message else {"ok": False, "message": "the BPF loader died",
                                                       "hint": "see the messages above"}
-        uprobe_fds: list[int] = []
-        while answer["ok"] and len(uprobe_fds) < answer["uprobes"]:
+        attachment_fds: list[int] = []
+        while answer["ok"] and len(attachment_fds) < answer["attachments"]:
             _, fds, _, _ = socket.recv_fds(ours, 16, loader.FDS_PER_MESSAGE)
-            uprobe_fds += fds
+            attachment_fds += fds
         child.wait()
     if not answer["ok"]:
         raise UserError(answer["message"], answer["hint"])
-    return map_fds, uprobe_fds
+    return map_fds, attachment_fds

@@ -5,12 +5,16 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from typing import TextIO
 
 from otel_ebpf.clock import WallClock
 from otel_ebpf.command import Command
 from otel_ebpf.config import Settings
-from otel_ebpf.export import BatchProcessor, ConsoleSink, GrpcTransport, HttpTransport
+from otel_ebpf.correlation import Correlator
+from otel_ebpf.events import RingReader
+from otel_ebpf.export import BatchProcessor, ConsoleSink, otlp_transport
+from otel_ebpf.metrics import FunctionLatency, MetricsEncoder, MetricsExporter, sidecar_resource
 from otel_ebpf.probes import Probe, ProbeSet, Tunables
 from otel_ebpf.spans import ProbeInfo, ProcessInfo, SpanEncoder
 
@@ -19,31 +23,53 @@ from otel_ebpf.spans import ProbeInfo, ProcessInfo, SpanEncoder
 POLL_S = 0.05
 
 
-def _sinks(settings: Settings, encoder: SpanEncoder, console: TextIO) -> list:
-    sinks = []
-    for name in settings.traces_exporters:
-        if name == "console":
-            sinks.append(ConsoleSink(encoder.format, console))
-        elif name == "otlp":
-            o = settings.otlp
-            tls = dict(certificate=o.certificate, client_key=o.client_key, client_certificate=o.client_certificate)
-            if o.protocol == "grpc":
-                sinks.append(GrpcTransport(o.endpoint, o.headers, o.timeout_s, o.compression, insecure=o.insecure, **tls))
-            else:
-                sinks.append(HttpTransport(o.endpoint, o.headers, o.timeout_s, o.compression, **tls))
-    return sinks
+def _sinks(exporters: tuple[str, ...], otlp, console_format, console: TextIO) -> list:
+    return [ConsoleSink(console_format, console) if name == "console" else otlp_transport(otlp)
+            for name in exporters]
 
 
 def _tunables(settings: Settings) -> Tunables:
+    sampler = settings.sampler
     return Tunables(max_depth=settings.max_depth, max_threads=settings.max_threads,
-                    ring_buffer_size=settings.ring_buffer_size)
+                    ring_buffer_size=settings.ring_buffer_size,
+                    sample_threshold=None if sampler.sample_all else sampler.bound,
+                    parent_based=sampler.parent_based, min_duration_ns=settings.min_duration_ns,
+                    http=settings.http)
 
 
 def _describe(settings: Settings) -> str:
-    names = []
-    for name in settings.traces_exporters:
-        names.append(f"otlp {settings.otlp.protocol} {settings.otlp.endpoint}" if name == "otlp" else name)
+    names = [f"otlp {settings.otlp.protocol} {settings.otlp.endpoint}" if name == "otlp" else name
+             for name in settings.traces_exporters]
     return ", ".join(names) or "nowhere (OTEL_TRACES_EXPORTER=none)"
+
+
+def _loss_counters(stats: dict, kernel: dict) -> dict[str, dict[str, int]]:
+    """Every call that did not become an exported span, by reason, in the metrics' vocabulary."""
+    return {
+        "otel.sdk.processor.span.processed": {"": stats["exported"] + stats["failed"],
+                                              "queue_full": stats["dropped_full"]},
+        "otel.sdk.exporter.span.exported": {"": stats["exported"] - stats["rejected"],
+                                            "rejected": stats["rejected"], "export_failed": stats["failed"]},
+        "otel_ebpf.calls.unrecorded": {"ring_buffer_full": kernel["events_lost"],
+                                       "depth_exceeded": kernel["depth_exceeded"],
+                                       "unmatched_return": kernel["unmatched_return"]},
+    }
+
+
+def _metrics(settings: Settings, probes: list[Probe], probe_set: ProbeSet, processor: BatchProcessor,
+             console: TextIO) -> MetricsExporter | None:
+    """Per-function latency histograms and loss counters, on their own schedule."""
+    encoder = MetricsEncoder(sidecar_resource(settings.service_name, settings.resource_attributes), time.time_ns())
+    sinks = _sinks(settings.metrics_exporters, settings.otlp_metrics, str, console)
+    if not sinks:
+        return None
+
+    def collect():
+        latencies = [FunctionLatency(p.symbol.demangled, p.binary, tuple(counts), total)
+                     for p, (counts, total) in zip(probes, probe_set.latencies())]
+        return latencies, _loss_counters(processor.stats, probe_set.counters())
+
+    return MetricsExporter(collect, encoder, sinks, settings.metric_export_interval_s, settings.metric_export_timeout_s)
 
 
 def run(settings: Settings, probes: list[Probe], command: Command | None = None,
@@ -59,16 +85,20 @@ def run(settings: Settings, probes: list[Probe], command: Command | None = None,
     try:
         encoder = SpanEncoder([ProbeInfo(p.symbol.demangled, p.binary) for p in probes], WallClock(),
                               settings.service_name, settings.resource_attributes)
+        correlator = Correlator(encoder, settings.sampler.samples, settings.sampler.parent_based)
         if command:
             encoder.remember_process(ProcessInfo.read(pid, command.path, " ".join(command.argv), exec_pending=True))
+        if pid:
+            probe_set.watch_http(pid)
         processor = BatchProcessor(
             encoder.encode,
-            _sinks(settings, encoder, console),
+            _sinks(settings.traces_exporters, settings.otlp, encoder.format, console),
             max_queue_size=settings.bsp_max_queue_size,
             max_batch_size=settings.bsp_max_export_batch_size,
             schedule_delay_s=settings.bsp_schedule_delay_s,
             export_timeout_s=settings.bsp_export_timeout_s,
         )
+        metrics = _metrics(settings, probes, probe_set, processor, console)
         stop = threading.Event()
 
         def on_signal(signum, _frame):
@@ -86,26 +116,46 @@ def run(settings: Settings, probes: list[Probe], command: Command | None = None,
             if command:
                 command.release()
             while not (command.poll() is not None if command else stop.is_set()):
-                ring.wait(POLL_S)
-                _drain(ring, encoder, processor)
-            _drain(ring, encoder, processor)
+                _wait(ring, processor)
+                _drain(ring, correlator, processor, encoder.clock)
+            _drain_all(ring, correlator, processor, encoder.clock, time.monotonic() + settings.bsp_export_timeout_s)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             ring.close()
             processor.shutdown(settings.bsp_export_timeout_s)
+            if metrics:
+                metrics.shutdown(settings.metric_export_timeout_s)
             _summarise(processor.stats, probe_set.counters(), log)
         return command.exit_status if command else 0
     finally:
         probe_set.close()
 
 
-def _drain(ring, encoder: SpanEncoder, processor: BatchProcessor) -> None:
-    batch = ring.read()
+def _wait(ring: RingReader, processor: BatchProcessor) -> None:
+    """Sleep until there are events and room for them; without room, events wait in the ring buffer."""
+    if processor.room():
+        ring.wait(POLL_S)
+    else:
+        processor.wait_for_room(POLL_S)
+
+
+def _drain(ring: RingReader, correlator: Correlator, processor: BatchProcessor, clock: WallClock) -> int:
+    batch = ring.read(processor.room())
     if batch:
-        encoder.see(batch)
-        processor.add(batch)
-    encoder.clock.maybe_refresh()
+        processor.add(correlator.accept(batch))
+    clock.maybe_refresh()
+    return len(batch)
+
+
+def _drain_all(ring: RingReader, correlator: Correlator, processor: BatchProcessor, clock: WallClock,
+               deadline: float) -> None:
+    """After the end: everything still in the ring buffer goes to the exporters, within the deadline."""
+    while time.monotonic() < deadline:
+        if not processor.room():
+            processor.wait_for_room(POLL_S)
+        elif not _drain(ring, correlator, processor, clock):
+            return
 
 
 def _summarise(stats: dict, kernel: dict, log: TextIO) -> None:

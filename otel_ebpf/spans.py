@@ -9,21 +9,24 @@ Field numbers: opentelemetry/proto/{collector/trace/v1/trace_service,trace/v1/tr
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import struct
 import re
 from dataclasses import dataclass
 from dataclasses import field as field_
-from typing import Iterable
 
-from otel_ebpf import __version__
+from otel_ebpf import __version__, http
 from otel_ebpf.clock import WallClock
 from otel_ebpf.events import SpanEvent
 
 SCOPE_NAME = "otel-ebpf"
-SPAN_KIND_INTERNAL = 1
-_NO_PARENT = bytes(8)
+SPAN_KIND_INTERNAL, SPAN_KIND_SERVER = 1, 2
+STATUS_CODE_ERROR = 2
+# Span.flags: W3C trace flags in the low byte; bits 8 and 9 say the parent is known to be remote.
+FLAGS_REMOTE_PARENT = 0x300
+NO_PARENT = bytes(8)
 
 
 def varint(value: int) -> bytes:
@@ -120,6 +123,11 @@ class ProcessInfo:
         return cls(pid, executable, command_line or executable, environ,
                    container_ids[-1] if container_ids else None)
 
+    @functools.cached_property
+    def parent(self) -> http.SpanContext | None:
+        """The span this process was started under: the environment carrier (TRACEPARENT, TRACESTATE)."""
+        return http.parse_traceparent(self.environ.get("TRACEPARENT"), self.environ.get("TRACESTATE"))
+
 
 class SpanEncoder:
     """Turns batches of SpanEvents into OTLP ExportTraceServiceRequest bytes, one ResourceSpans per process."""
@@ -141,11 +149,13 @@ class SpanEncoder:
         self._processes[info.pid] = info
         self._resources.pop(info.pid, None)
 
-    def see(self, events: Iterable[SpanEvent]) -> None:
-        """Capture the identity of processes new to us while they are (most likely) still alive."""
-        for event in events:
-            if event.pid not in self._processes:
-                self.remember_process(ProcessInfo.read(event.pid, self.probes[event.probe_id].binary))
+    def process(self, pid: int, probe_id: int | None = None) -> ProcessInfo:
+        """A process's identity, read from /proc the first time it is seen, while it is most likely alive."""
+        info = self._processes.get(pid)
+        if info is None:
+            info = ProcessInfo.read(pid, self.probes[probe_id].binary if probe_id is not None else "")
+            self.remember_process(info)
+        return info
 
     def resource_attributes(self, pid: int) -> dict[str, str | int]:
         """The process's own OTEL_SERVICE_NAME wins, then ours, then the executable's name."""
@@ -177,22 +187,28 @@ class SpanEncoder:
         key = (pid, tid)
         encoded = self._thread_fields.get(key)
         if encoded is None:
+            if len(self._thread_fields) >= 65536:  # threads come and go; keep the cache bounded
+                self._thread_fields.clear()
             encoded = self._thread_fields[key] = attributes(9, {"thread.id": tid, "process.pid": pid})
         return encoded
 
-    def encode(self, events: list[SpanEvent]) -> bytes:
-        """One ExportTraceServiceRequest for a batch."""
+    def encode(self, items: list) -> bytes:
+        """One ExportTraceServiceRequest for a batch of SpanEvents and ServerSpans."""
         offset = self.clock.offset_ns
         probe_fields, times = self._probe_fields, _TIMES.pack
         by_pid: dict[int, list[bytes]] = {}
-        for e in events:
-            body = b"".join((
-                b"\x0a\x10", e.trace_id, b"\x12\x08", e.span_id,
-                b"" if e.parent_span_id == _NO_PARENT else b"\x22\x08" + e.parent_span_id,
-                probe_fields[e.probe_id],
-                times(0x39, e.start_ns + offset, 0x41, e.end_ns + offset),
-                self._thread(e.pid, e.tid),
-            ))
+        for e in items:
+            if type(e) is SpanEvent:
+                body = b"".join((
+                    b"\x0a\x10", e.trace_id, b"\x12\x08", e.span_id,
+                    b"" if e.parent_span_id == NO_PARENT else b"\x22\x08" + e.parent_span_id,
+                    probe_fields[e.probe_id],
+                    times(0x39, e.start_ns + offset, 0x41, e.end_ns + offset),
+                    self._thread(e.pid, e.tid),
+                    attributes(9, {"go.goroutine.id": e.goroutine_id}) if e.goroutine_id else b"",
+                ))
+            else:
+                body = self._server_span(e, offset)
             spans = by_pid.get(e.pid)
             if spans is None:
                 spans = by_pid[e.pid] = []
@@ -202,17 +218,42 @@ class SpanEncoder:
             for pid, spans in by_pid.items()
         )
 
-    def format(self, e: SpanEvent) -> str:
+    def _server_span(self, s, offset: int) -> bytes:
+        """A SERVER span (correlation.ServerSpan): rare next to function spans, so encoded plainly."""
+        parts = [field(1, s.trace_id), field(2, s.span_id)]
+        if s.parent:
+            parts += [field(3, s.parent.tracestate.encode()) if s.parent.tracestate else b"", field(4, s.parent.span_id)]
+        parts += [
+            field(5, s.name.encode()), varint(6 << 3) + varint(SPAN_KIND_SERVER),
+            _TIMES.pack(0x39, s.start_ns + offset, 0x41, s.end_ns + offset),
+            attributes(9, s.attributes), self._thread(s.pid, s.tid),
+        ]
+        if "error.type" in s.attributes:
+            parts.append(field(15, varint(3 << 3) + varint(STATUS_CODE_ERROR)))
+        if s.parent:
+            parts.append(_FLAGS.pack(16 << 3 | 5, FLAGS_REMOTE_PARENT | int(s.parent.sampled)))
+        return b"".join(parts)
+
+    def format(self, e) -> str:
         """One readable console line per span."""
         start = datetime.datetime.fromtimestamp(
             (e.start_ns + self.clock.offset_ns) / 1e9, datetime.timezone.utc)
-        parent = "-" if e.parent_span_id == _NO_PARENT else e.parent_span_id.hex()
+        if type(e) is SpanEvent:
+            name, indent = self.probes[e.probe_id].function, "  " * e.depth
+            parent = "-" if e.parent_span_id == NO_PARENT else e.parent_span_id.hex()
+            if e.goroutine_id:
+                parent += f" goroutine={e.goroutine_id}"
+        else:
+            name, indent = f"{e.name} {e.attributes.get('url.path', '')} (SERVER)", ""
+            parent = e.parent.span_id.hex() if e.parent else "-"
         return (
             f"{start.isoformat(timespec='microseconds')} {(e.end_ns - e.start_ns) / 1e6:10.3f} ms  "
-            f"{'  ' * e.depth}{self.probes[e.probe_id].function}  pid={e.pid} tid={e.tid} "
+            f"{indent}{name}  pid={e.pid} tid={e.tid} "
             f"trace={e.trace_id.hex()} span={e.span_id.hex()} parent={parent}"
         )
 
 
 # start_time_unix_nano (7) and end_time_unix_nano (8) are fixed64: tag byte + 8 bytes each.
 _TIMES = struct.Struct("<BQBQ")
+# flags (16) is fixed32: tag byte + 4 bytes.
+_FLAGS = struct.Struct("<BI")

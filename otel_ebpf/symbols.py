@@ -1,8 +1,9 @@
 """Find the functions of an ELF executable or shared library that a uprobe can attach to.
 
 Uprobes are placed by address, while users name functions the way they read them in source
-code, so this module reads the symbol tables (.symtab and .dynsym), demangles C++ and Rust
-names and maps glob patterns onto addresses and file offsets.
+code, so this module reads the symbol tables (.symtab and .dynsym, and the Go runtime's own
+function table in stripped Go binaries), demangles C++ and Rust names and maps glob patterns
+onto addresses and file offsets.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from . import golang
 from .errors import UserError
 
 
@@ -32,7 +34,7 @@ class FunctionSymbol:
     demangled: str  # human-readable name; equals name for C, includes parameters for C++
     address: int  # st_value: virtual address as in the ELF, what BCC's attach_uprobe(addr=...) takes
     offset: int  # file offset of the first instruction, from the PT_LOAD segment holding address
-    size: int  # st_size
+    size: int  # st_size; from .gopclntab: up to the next function, alignment padding included
 
 
 # What pyelftools raises for truncated or corrupt files: its own errors, struct/construct parse
@@ -43,6 +45,8 @@ _UNDEFINED_SECTIONS = ("SHN_UNDEF", "SHN_ABS", "SHN_COMMON")
 _MANGLED = re.compile(r"_[ZR][A-Za-z0-9_.$]+")
 # GCC's "foo.cold" parts are jumped into from foo, never called: no entry point to probe.
 _COLD_PART = re.compile(r"\.cold(\.\d+)?$")
+# Go's assembly functions are "runtime.goexit.abi0" in .symtab, "runtime.goexit" in stack traces and .gopclntab.
+_GO_ABI0_SUFFIX = re.compile(r"\.abi0$")
 _RUST_LEGACY_HASH = re.compile(r"::h[0-9a-f]{16}$")
 _RUST_V0_CRATE_ID = re.compile(r"\[[0-9a-f]{1,16}\]")
 _CLONE_SUFFIX = re.compile(r"( \[clone [^\]]*\])+$")
@@ -223,7 +227,7 @@ def _load_entries(path: str, mtime_ns: int, size: int) -> tuple[_Entry, ...]:
         names = []
         for alias in aliases:
             readable = demangled.get(alias.name, alias.name)
-            names += [alias.name, readable, _without_params(readable)]
+            names += [alias.name, readable, _without_params(readable), _GO_ABI0_SUFFIX.sub("", alias.name)]
         entries.append(_Entry(function, tuple(dict.fromkeys(names))))
     entries.sort(key=lambda entry: (entry.function.demangled, entry.function.name, entry.function.address))
     return tuple(entries)
@@ -240,7 +244,8 @@ class _Symbol(NamedTuple):
 
 
 def _read_function_symbols(elf: ELFFile) -> dict[int, list[_Symbol]]:
-    """Defined functions from .symtab and .dynsym, grouped by address."""
+    """Defined functions from .symtab and .dynsym, grouped by address; from .gopclntab too when there is
+    no .symtab, for the names of a stripped Go binary (.dynsym holds none of them)."""
     segments = [
         (seg["p_vaddr"], seg["p_filesz"], seg["p_offset"])
         for seg in elf.iter_segments()
@@ -260,6 +265,12 @@ def _read_function_symbols(elf: ELFFile) -> dict[int, list[_Symbol]]:
             if offset is not None:
                 not_global = sym["st_info"]["bind"] != "STB_GLOBAL"
                 by_address.setdefault(address, []).append(_Symbol(not_global, len(sym.name), sym.name, offset, size))
+    if elf.get_section_by_name(".symtab") is None:
+        for function in golang.pclntab_functions(elf):
+            offset = _file_offset(segments, function.entry)
+            if offset is not None and function.entry not in by_address:
+                size = function.end - function.entry
+                by_address[function.entry] = [_Symbol(False, len(function.name), function.name, offset, size)]
     return by_address
 
 

@@ -9,7 +9,7 @@ fail() { echo "setup: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || fail "must run as root (apt-get, /lib/modules, mount); try: sudo make setup"
 
-PACKAGES=(python3-bpfcc python3-venv linux-headers-amd64 gcc g++ make binutils bpftrace)
+PACKAGES=(python3-bpfcc python3-venv linux-headers-amd64 gcc g++ make binutils bpftrace golang-go)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

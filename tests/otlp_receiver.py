@@ -1,4 +1,4 @@
-"""A real OTLP trace receiver (gRPC and HTTP) on 127.0.0.1, for tests and the benchmark.
+"""A real OTLP trace and metrics receiver (gRPC and HTTP) on 127.0.0.1, for tests and the benchmark.
 
 Exporters are tested against this instead of mocks so that framing, compression, metadata and
 status codes go through the same libraries a collector would use. It can be told to answer
@@ -16,15 +16,28 @@ import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 _FAILURE_MESSAGE = "injected failure"
+
+# Per signal: HTTP path, request type, response type and the partial-success field counting rejected items.
+_SIGNALS = {
+    trace_service_pb2.ExportTraceServiceRequest: (
+        "/v1/traces", trace_service_pb2.ExportTraceServiceResponse, "rejected_spans"),
+    metrics_service_pb2.ExportMetricsServiceRequest: (
+        "/v1/metrics", metrics_service_pb2.ExportMetricsServiceResponse, "rejected_data_points"),
+}
+_REQUEST_BY_PATH = {path: request for request, (path, _, _) in _SIGNALS.items()}
 
 
 def any_value(value: AnyValue):
@@ -48,18 +61,20 @@ class _Failures:
 
 
 class OtlpReceiver:
-    """Collects ExportTraceServiceRequests over OTLP/gRPC and OTLP/HTTP; thread-safe.
+    """Collects trace and metrics export requests over OTLP/gRPC and OTLP/HTTP; thread-safe.
 
     ``tls=(cert_file, key_file)`` serves both transports over TLS (endpoints become https).
+    Failures, partial success and the counters below apply to both signals alike.
     """
 
     def __init__(self, tls: tuple[str, str] | None = None):
         self.tls = tls
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-        self.headers: list[dict[str, str]] = []  # per accepted request, lower-case names
+        self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+        self.headers: list[dict[str, str]] = []  # per accepted request of either signal, lower-case names
         self.attempts = 0  # every export request, including the ones answered with an error
         self.bytes_received = 0  # HTTP: body as sent (compressed if gzip); gRPC: message size
-        self.partial_success: tuple[int, str] | None = None  # (rejected_spans, error_message)
+        self.partial_success: tuple[int, str] | None = None  # (rejected spans or data points, error_message)
         self._failures: _Failures | None = None
         self._cond = threading.Condition()
         self._grpc_port = 0
@@ -73,7 +88,8 @@ class OtlpReceiver:
     def start(self) -> OtlpReceiver:
         """Listen on ephemeral ports the first time, on the same ports after a stop()."""
         self._grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), self._grpc_server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceServicer(self), self._grpc_server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsServicer(self), self._grpc_server)
         address = f"127.0.0.1:{self._grpc_port}"
         if self.tls:
             cert, key = (Path(path).read_bytes() for path in self.tls)
@@ -117,7 +133,12 @@ class OtlpReceiver:
 
     @property
     def http_endpoint(self) -> str:
+        """Traces over HTTP; gRPC serves both signals on grpc_endpoint."""
         return f"{self._scheme}://127.0.0.1:{self._http_port}/v1/traces"
+
+    @property
+    def http_metrics_endpoint(self) -> str:
+        return f"{self._scheme}://127.0.0.1:{self._http_port}/v1/metrics"
 
     @property
     def _scheme(self) -> str:
@@ -167,12 +188,42 @@ class OtlpReceiver:
     def _span_count(self) -> int:
         return sum(len(ss.spans) for req in self.requests for rs in req.resource_spans for ss in rs.scope_spans)
 
-    # ----- shared by both transports
+    def metrics(self) -> list[tuple[dict, Metric]]:
+        """Every received metric with its resource attributes, in arrival order."""
+        with self._cond:
+            requests = list(self.metric_requests)
+        out = []
+        for request in requests:
+            for resource_metrics in request.resource_metrics:
+                attributes = {kv.key: any_value(kv.value) for kv in resource_metrics.resource.attributes}
+                for scope_metrics in resource_metrics.scope_metrics:
+                    out.extend((attributes, metric) for metric in scope_metrics.metrics)
+        return out
 
-    def _receive(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str], size: int
-    ) -> _Failures | trace_service_pb2.ExportTraceServiceResponse:
-        """Record one request; return the failure to answer, or the success response."""
+    def wait_for_metric(
+        self, name: str, predicate: Callable[[Metric], bool] = lambda metric: True, timeout: float = 5.0
+    ) -> tuple[dict, Metric]:
+        """The latest metric called ``name`` satisfying ``predicate``, waiting for it to arrive; fail otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                matches = [(r, m) for r, m in self.metrics() if m.name == name and predicate(m)]
+                if matches:
+                    return matches[-1]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    names = sorted({m.name for _, m in self.metrics()})
+                    raise AssertionError(
+                        f"no matching metric {name!r} within {timeout}s; got {len(self.metric_requests)} "
+                        f"metric requests ({self.attempts} attempts) with metrics {names}"
+                    )
+                self._cond.wait(remaining)
+
+    # ----- shared by both transports and signals
+
+    def _receive(self, request: Message, headers: dict[str, str], size: int) -> _Failures | Message:
+        """Record one request of either signal; return the failure to answer, or the success response."""
+        _, response_type, rejected_field = _SIGNALS[type(request)]
         with self._cond:
             self.attempts += 1
             self.bytes_received += size
@@ -180,16 +231,20 @@ class OtlpReceiver:
             if failures is not None and failures.count > 0:
                 failures.count -= 1
                 return failures
-            self.requests.append(request)
+            is_trace = isinstance(request, trace_service_pb2.ExportTraceServiceRequest)
+            (self.requests if is_trace else self.metric_requests).append(request)
             self.headers.append(headers)
             self._cond.notify_all()
-            response = trace_service_pb2.ExportTraceServiceResponse()
+            response = response_type()
             if self.partial_success is not None:
-                response.partial_success.rejected_spans, response.partial_success.error_message = self.partial_success
+                rejected, response.partial_success.error_message = self.partial_success
+                setattr(response.partial_success, rejected_field, rejected)
             return response
 
 
-class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+class _Servicer:
+    """The gRPC Export method, the same for both services."""
+
     def __init__(self, receiver: OtlpReceiver):
         self._receiver = receiver
 
@@ -201,6 +256,14 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
                 context.set_trailing_metadata([("grpc-status-details-bin", _retry_status(answer).SerializeToString())])
             context.abort(answer.grpc_code, _FAILURE_MESSAGE)
         return answer
+
+
+class _TraceServicer(_Servicer, trace_service_pb2_grpc.TraceServiceServicer):
+    pass
+
+
+class _MetricsServicer(_Servicer, metrics_service_pb2_grpc.MetricsServiceServicer):
+    pass
 
 
 def _retry_status(failures: _Failures) -> status_pb2.Status:
@@ -250,7 +313,8 @@ class _HttpHandler(BaseHTTPRequestHandler):
     server: _HttpServer
 
     def do_POST(self) -> None:
-        if self.path != "/v1/traces":
+        request_type = _REQUEST_BY_PATH.get(self.path)
+        if request_type is None:
             return self._reply(404, b"")
         if self.headers.get("Content-Type") != "application/x-protobuf":
             return self._reply(415, b"")
@@ -259,7 +323,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
         try:
             if self.headers.get("Content-Encoding") == "gzip":
                 body = gzip.decompress(body)
-            request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+            request = request_type.FromString(body)
         except Exception as exc:  # any undecodable body is the client's fault: 400, as the spec says
             return self._reply(400, status_pb2.Status(message=str(exc)).SerializeToString())
         headers = {key.lower(): value for key, value in self.headers.items()}

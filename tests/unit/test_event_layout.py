@@ -1,4 +1,4 @@
-"""bpf/event.h is the one definition of what the kernel sends; the Python mirror must agree with what a C
+"""bpf/event.h is the one definition of what the kernel sends; the Python mirrors must agree with what a C
 compiler makes of it (the running program checks the same against the compiled BPF at start-up)."""
 
 import subprocess
@@ -14,39 +14,46 @@ PROGRAM = r"""
 #include <stddef.h>
 #include <stdio.h>
 #include "event.h"
-#define SHOW(f) printf(#f " %zu %zu\n", offsetof(struct span_event, f), sizeof(((struct span_event *)0)->f));
+#define SHOW(s, f) printf(#s " " #f " %zu %zu\n", offsetof(struct s, f), sizeof(((struct s *)0)->f));
+#define SIZE(s, kind) printf(#s " size %zu %d\n", sizeof(struct s), kind);
 int main(void) {
     FIELDS
-    printf("size %zu\n", sizeof(struct span_event));
-    printf("counters %d\n", COUNTER_MAX);
+    printf("counters max %d 0\n", COUNTER_MAX);
     return 0;
 }
 """
+STRUCTS = {events.SPAN: ("span_event", "EVENT_SPAN"), events.HTTP_REQUEST: ("http_request_event", "EVENT_HTTP_REQUEST"),
+           events.HTTP_RESPONSE: ("http_response_event", "EVENT_HTTP_RESPONSE")}
 
 
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layout")
-    fields = " ".join(f"SHOW({name})" for name, _ in events.EVENT_FIELDS)
-    (tmp / "layout.c").write_text(PROGRAM.replace("FIELDS", fields))
+    lines = []
+    for event_type, (struct, kind) in STRUCTS.items():
+        lines += [f"SHOW({struct}, {name})" for name, _ in event_type.fields] + [f"SIZE({struct}, {kind})"]
+    (tmp / "layout.c").write_text(PROGRAM.replace("FIELDS", "\n    ".join(lines)))
     subprocess.run(["gcc", "-I", str(BPF_DIR), "-o", str(tmp / "layout"), str(tmp / "layout.c")], check=True)
-    lines = subprocess.run([str(tmp / "layout")], capture_output=True, text=True, check=True).stdout.split("\n")
-    return {name: tuple(int(v) for v in values) for name, *values in (line.split() for line in lines if line)}
+    out = subprocess.run([str(tmp / "layout")], capture_output=True, text=True, check=True).stdout
+    return {(s, f): (int(a), int(b)) for s, f, a, b in (line.split() for line in out.splitlines())}
 
 
-def test_python_mirror_matches_the_c_header(c_layout):
-    offsets = {name: c_layout[name] for name, _ in events.EVENT_FIELDS}
-    assert offsets == events.field_offsets()
-    assert c_layout["size"] == (events.EVENT.size,)
-    events.check_layout(offsets, events.EVENT.size)
+@pytest.mark.parametrize("event_type", events.EVENT_TYPES, ids=lambda t: t.member)
+def test_python_mirror_matches_the_c_header(c_layout, event_type):
+    struct, _ = STRUCTS[event_type]
+    offsets = {name: c_layout[(struct, name)] for name, _ in event_type.fields}
+    assert offsets == event_type.offsets()
+    size, kind = c_layout[(struct, "size")]
+    assert (size, kind) == (event_type.struct.size, event_type.kind)
+    events.check_layout(event_type, offsets, size)
 
 
 def test_every_counter_has_a_name(c_layout):
-    assert c_layout["counters"] == (len(events.COUNTERS),)
+    assert c_layout[("counters", "max")] == (len(events.COUNTERS), 0)
 
 
 def test_mismatch_is_refused():
-    offsets = events.field_offsets()
+    offsets = events.SPAN.offsets()
     offsets["pid"] = (offsets["pid"][0] + 4, 4)
     with pytest.raises(UserError, match="layout mismatch"):
-        events.check_layout(offsets, events.EVENT.size)
+        events.check_layout(events.SPAN, offsets, events.SPAN.struct.size)

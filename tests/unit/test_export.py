@@ -9,8 +9,10 @@ import time
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from otel_ebpf.config import load_settings
 from otel_ebpf.errors import UserError
 from otel_ebpf.export import (
     USER_AGENT,
@@ -20,6 +22,7 @@ from otel_ebpf.export import (
     GrpcTransport,
     HttpTransport,
     _parse_retry_after,
+    otlp_transport,
 )
 from tests.otlp_receiver import OtlpReceiver
 
@@ -41,11 +44,25 @@ def encode(names) -> bytes:
     return request.SerializeToString()
 
 
-def make_transport(kind: str, receiver: OtlpReceiver, **kwargs):
-    options = dict(headers={}, timeout_s=2.0, **FAST) | kwargs
+def encode_metrics(names) -> bytes:
+    """A real ExportMetricsServiceRequest with one gauge per name."""
+    request = ExportMetricsServiceRequest()
+    scope_metrics = request.resource_metrics.add().scope_metrics.add()
+    for name in names:
+        metric = scope_metrics.metrics.add()
+        metric.name = str(name)
+        metric.gauge.data_points.add().as_int = 1
+    return request.SerializeToString()
+
+
+ENCODE = {"traces": encode, "metrics": encode_metrics}
+
+
+def make_transport(kind: str, receiver: OtlpReceiver, signal: str = "traces", **kwargs):
+    options = dict(headers={}, timeout_s=2.0, signal=signal, **FAST) | kwargs
     if kind == "grpc":
         return GrpcTransport(receiver.grpc_endpoint, **options)
-    return HttpTransport(receiver.http_endpoint, **options)
+    return HttpTransport(receiver.http_endpoint if signal == "traces" else receiver.http_metrics_endpoint, **options)
 
 
 @pytest.fixture
@@ -64,8 +81,8 @@ def transports():
     """Transports made by a test, closed afterwards even when it fails."""
     made = []
 
-    def make(kind, receiver, **kwargs):
-        made.append(make_transport(kind, receiver, **kwargs))
+    def make(kind, receiver, signal="traces", **kwargs):
+        made.append(make_transport(kind, receiver, signal, **kwargs))
         return made[-1]
 
     yield make
@@ -73,8 +90,14 @@ def transports():
         transport.close()
 
 
-def names_received(receiver):
-    return [span.name for _, span in receiver.spans()]
+@pytest.fixture(params=["traces", "metrics"])
+def signal(request):
+    return request.param
+
+
+def names_received(receiver, signal="traces"):
+    received = receiver.spans() if signal == "traces" else receiver.metrics()
+    return [item.name for _, item in received]
 
 
 # ----- transports
@@ -102,14 +125,14 @@ def test_payload_and_headers_arrive(kind, compression, receiver, transports):
             assert receiver.bytes_received == len(payload)
 
 
-def test_retryable_failures_are_retried_and_delivered_once(kind, receiver, transports):
-    transport = transports(kind, receiver)
+def test_retryable_failures_are_retried_and_delivered_once(kind, signal, receiver, transports):
+    transport = transports(kind, receiver, signal)
     receiver.fail_next(3, http_status=503, grpc_code=grpc.StatusCode.UNAVAILABLE)
 
-    transport.send(encode(["a"]), time.monotonic() + 5)
+    transport.send(ENCODE[signal](["a"]), time.monotonic() + 5)
 
     assert receiver.attempts == 4
-    assert names_received(receiver) == ["a"]
+    assert names_received(receiver, signal) == ["a"]
 
 
 @pytest.mark.parametrize("http_status", [429, 502, 504])
@@ -186,17 +209,43 @@ def test_delivery_resumes_after_collector_restart(kind, receiver, transports):
     assert names_received(receiver) == ["before", "after"]
 
 
-def test_partial_success_is_counted_not_retried(kind, receiver, transports, caplog):
-    transport = transports(kind, receiver)
-    receiver.partial_success = (2, "span name too long")
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_metrics_arrive_at_the_metrics_service(kind, compression, receiver, transports):
+    transport = transports(kind, receiver, "metrics", compression=compression)
 
-    assert transport.send(encode(["a", "b", "c"]), time.monotonic() + 5) == 2
-    assert transport.send(encode(["d"]), time.monotonic() + 5) == 2
+    assert transport.send(encode_metrics(["a.count", "b.count"]), time.monotonic() + 5) == 0
 
-    assert transport.rejected_spans == 4
+    assert names_received(receiver, "metrics") == ["a.count", "b.count"]
+    assert receiver.requests == [], "a metrics request must not reach the trace service"
+
+
+def test_partial_success_is_counted_not_retried(kind, signal, receiver, transports, caplog):
+    transport = transports(kind, receiver, signal)
+    receiver.partial_success = (2, "name too long")
+
+    assert transport.send(ENCODE[signal](["a", "b", "c"]), time.monotonic() + 5) == 2
+    assert transport.send(ENCODE[signal](["d"]), time.monotonic() + 5) == 2
+
+    assert transport.rejected == 4
     assert receiver.attempts == 2
     warnings = [r.getMessage() for r in caplog.records if r.name == "otel_ebpf.export"]
-    assert len(warnings) == 1 and "span name too long" in warnings[0]
+    assert len(warnings) == 1 and "name too long" in warnings[0]
+    assert ("spans" if signal == "traces" else "data points") in warnings[0]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_transport_from_settings_reaches_the_signals_service(protocol, signal, receiver):
+    """The generic endpoint variable, resolved per signal, ends up at that signal's service."""
+    base = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint.removesuffix("/v1/traces")
+    settings = load_settings({"OTEL_EXPORTER_OTLP_PROTOCOL": protocol, "OTEL_EXPORTER_OTLP_ENDPOINT": base})
+    transport = otlp_transport(settings.otlp if signal == "traces" else settings.otlp_metrics)
+    try:
+        transport.send(ENCODE[signal](["x"]), time.monotonic() + 5)
+    finally:
+        transport.close()
+
+    assert isinstance(transport, GrpcTransport if protocol == "grpc" else HttpTransport)
+    assert names_received(receiver, signal) == ["x"]
 
 
 def test_retry_after_header_forms():

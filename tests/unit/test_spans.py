@@ -28,8 +28,8 @@ def encoder():
 
 
 def event(**kw):
-    base = dict(start_ns=1_000, end_ns=2_500, trace_id=bytes(range(16)), span_id=b"\x01" * 8,
-                parent_span_id=bytes(8), pid=4242, tid=4243, probe_id=0, depth=0)
+    base = dict(kind=1, start_ns=1_000, end_ns=2_500, trace_id=bytes(range(16)), span_id=b"\x01" * 8,
+                parent_span_id=bytes(8), pid=4242, tid=4243, probe_id=0, depth=0, pad=0, goroutine_id=0)
     base.update(kw)
     return SpanEvent(**base)
 
@@ -82,7 +82,7 @@ def test_service_name_precedence(encoder):
 
 
 def test_unknown_process_is_read_from_proc(encoder):
-    encoder.see([event(pid=os.getpid())])
+    encoder.process(os.getpid())
     resource = encoder.resource_attributes(os.getpid())
     assert resource["process.executable.path"] == os.path.realpath("/proc/self/exe")
     assert "pytest" in resource["process.command_line"]

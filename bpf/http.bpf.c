@@ -1,0 +1,160 @@
+/* HTTP/1.x SERVER spans from syscall tracepoints, appended to uprobe.bpf.c when HTTP_TRACING is set.
+ *
+ * On sockets of watched processes only: the first read of a connection that starts with an HTTP method
+ * begins a request (its first bytes go to user space, which parses them), and the next write on that
+ * connection (or its close) ends it. While a request is in flight, the thread that read it carries its
+ * trace context, so probed calls there become children of the SERVER span. */
+
+/* The first four bytes of every HTTP/1.x method user space knows, little-endian. */
+static __always_inline int starts_like_http(__u32 head)
+{
+	switch (head) {
+	case 0x20544547: /* "GET " */
+	case 0x54534f50: /* "POST" */
+	case 0x20545550: /* "PUT " */
+	case 0x44414548: /* "HEAD" */
+	case 0x454c4544: /* "DELE"TE */
+	case 0x43544150: /* "PATC"H */
+	case 0x4954504f: /* "OPTI"ONS */
+	case 0x4e4e4f43: /* "CONN"ECT */
+	case 0x43415254: /* "TRAC"E */
+		return 1;
+	}
+	return 0;
+}
+
+/* Reads are kept on watched processes; writes only on connections with a request in flight. */
+static __always_inline void remember_read(int fd, const void *buf)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	if (!http_processes.lookup(&tgid))
+		return;
+	struct pending_io io = {.buf = (__u64)buf, .fd = fd};
+	pending_reads.update(&id, &io);
+}
+
+static __always_inline void remember_write(int fd, const void *buf)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
+	if (!requests.lookup(&conn))
+		return;
+	struct pending_io io = {.buf = (__u64)buf, .fd = fd};
+	pending_writes.update(&id, &io);
+}
+
+static __always_inline void on_read(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io *pending = pending_reads.lookup(&id);
+	if (!pending)
+		return;
+	struct pending_io io = *pending;
+	pending_reads.delete(&id);
+	if (ret < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
+		return;
+	struct connection_key conn = {.tgid = id >> 32, .fd = io.fd};
+	if (requests.lookup(&conn))
+		return; /* more of a request already seen: its body */
+	__u32 head = 0;
+	if (bpf_probe_read_user(&head, sizeof(head), (void *)io.buf) || !starts_like_http(head))
+		return;
+
+	struct bpf_pidns_info ns = {};
+	if (bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, &ns, sizeof(ns)))
+		return;
+	struct http_request_event *event = events.ringbuf_reserve(sizeof(struct http_request_event));
+	if (!event) {
+		count(COUNTER_HTTP_LOST);
+		return;
+	}
+	struct request_context request = {.span_id = random_id(), .thread = id};
+	request.trace_id[0] = random_id();
+	request.trace_id[1] = random_id();
+#ifdef PARENT_BASED
+	request.sampled = 1; /* a traceparent header may decide; user space applies the rule */
+#else
+	request.sampled = sample_root(request.trace_id[1]);
+#endif
+	__u32 length = ret < HTTP_REQUEST_CAPTURE ? ret : HTTP_REQUEST_CAPTURE;
+	asm volatile("" : "+r"(length));
+	if (length > HTTP_REQUEST_CAPTURE)
+		length = HTTP_REQUEST_CAPTURE;
+	if (bpf_probe_read_user(event->data, length, (void *)io.buf))
+		length = 0;
+	event->kind = EVENT_HTTP_REQUEST;
+	event->fd = io.fd;
+	event->start_ns = bpf_ktime_get_ns();
+	event->trace_id[0] = request.trace_id[0];
+	event->trace_id[1] = request.trace_id[1];
+	event->span_id = request.span_id;
+	event->pid = ns.tgid;
+	event->tid = ns.pid;
+	event->length = length;
+	event->sampled = request.sampled;
+	events.ringbuf_submit(event, 0);
+	requests.update(&conn, &request);
+	thread_requests.update(&id, &request);
+}
+
+/* The end of the request on `fd`: its response (the written bytes), or none when length is 0. */
+static __always_inline void finish_request(int fd, const void *buf, long length)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
+	struct request_context *request = requests.lookup(&conn);
+	if (!request)
+		return;
+	struct bpf_pidns_info ns = {};
+	bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, &ns, sizeof(ns));
+	struct http_response_event *event = events.ringbuf_reserve(sizeof(struct http_response_event));
+	if (event) {
+		__u32 n = length < HTTP_RESPONSE_CAPTURE ? length : HTTP_RESPONSE_CAPTURE;
+		asm volatile("" : "+r"(n));
+		if (n > HTTP_RESPONSE_CAPTURE)
+			n = HTTP_RESPONSE_CAPTURE;
+		if (n && bpf_probe_read_user(event->data, n, buf))
+			n = 0;
+		event->kind = EVENT_HTTP_RESPONSE;
+		event->fd = fd;
+		event->end_ns = bpf_ktime_get_ns();
+		event->span_id = request->span_id;
+		event->pid = ns.tgid;
+		event->tid = ns.pid;
+		event->length = n;
+		events.ringbuf_submit(event, 0);
+	} else {
+		count(COUNTER_HTTP_LOST);
+	}
+	thread_requests.delete(&request->thread);
+	requests.delete(&conn);
+}
+
+static __always_inline void on_write(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io *pending = pending_writes.lookup(&id);
+	if (!pending)
+		return;
+	struct pending_io io = *pending;
+	pending_writes.delete(&id);
+	if (ret > 0)
+		finish_request(io.fd, (void *)io.buf, ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { remember_read(args->fd, args->buf); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { on_read(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { remember_read(args->fd, args->ubuf); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { on_read(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { remember_write(args->fd, args->buf); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { on_write(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { remember_write(args->fd, args->buff); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { on_write(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (http_processes.lookup(&tgid))
+		finish_request(args->fd, NULL, 0);
+	return 0;
+}

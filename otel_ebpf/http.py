@@ -1,0 +1,358 @@
+"""HTTP/1.x requests seen from outside the process -> what a SERVER span needs.
+
+The kernel hands user space only the first bytes read from a socket (about 1 KiB, possibly cut in the
+middle of a header) and the first bytes of the response written on it. So nothing here may trust the input
+to be complete or even to be HTTP: non-HTTP traffic yields None, and a line without its terminating LF is
+treated as cut off and ignored (except the request line, whose visible part is still worth reporting).
+Runs once per request, so it parses only the few fields a span uses.
+
+References: RFC 9110/9112 (HTTP), RFC 7239 (Forwarded), W3C Trace Context Level 1 (traceparent,
+tracestate), OpenTelemetry semantic conventions for HTTP server spans (stable).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass
+
+Address = tuple[str, int]
+
+# RFC 9110 section 9 plus PATCH (RFC 5789): the methods the semantic conventions call "known".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+# Headers a span uses; all others are skipped without being decoded.
+_CAPTURED = frozenset({
+    b"host", b"user-agent", b"traceparent", b"tracestate",
+    b"forwarded", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-for",
+})
+
+# Complete request line: method (an RFC 9110 token) SP request-target SP HTTP-version.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([!-~]+) HTTP/(1\.[01])")
+# A request line cut off by the capture limit: only a known method makes it credible as HTTP.
+_CUT_REQUEST_LINE = re.compile(rb"([A-Z]+) ([!-~]+)")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?![0-9])")
+_EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
+_ABSOLUTE_FORM = re.compile(r"(https?)://([^/?#]*)(.*)", re.IGNORECASE | re.DOTALL)
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Query parameters whose values the semantic conventions say to replace by REDACTED.
+_REDACTED_QUERY_KEYS = frozenset({"AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature"})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The visible part of one request.
+
+    `version` is None when the request line was cut before the version ("1.0" or "1.1" otherwise).
+    `authority` is the host[:port] the client asked for: the absolute-form target's if there is one (RFC
+    9112 section 3.2.2 says to ignore Host then), else the Host header. `headers` holds the captured headers
+    present in full, lower-case names; repeated fields are joined with "," as RFC 9110 section 5.3 says.
+    """
+
+    method: str
+    path: str
+    query: str | None
+    version: str | None
+    authority: str | None
+    scheme: str | None
+    headers: dict[str, str]
+
+    @property
+    def user_agent(self) -> str | None:
+        return self.headers.get("user-agent")
+
+    @property
+    def parent(self) -> SpanContext | None:
+        """The caller's span, from traceparent and tracestate."""
+        return parse_traceparent(self.headers.get("traceparent"), self.headers.get("tracestate"))
+
+
+@dataclass(frozen=True, slots=True)
+class SpanContext:
+    """A remote parent from a valid traceparent; tracestate is normalised, "" when absent or invalid."""
+
+    trace_id: bytes
+    span_id: bytes
+    sampled: bool
+    tracestate: str = ""
+
+
+def _text(raw: bytes) -> str:
+    """Never raises: OTLP strings must be UTF-8, and bytes on the wire need not be."""
+    return raw.decode("utf-8", "replace")
+
+
+def parse_request(data: bytes) -> Request | None:
+    """The request at the start of `data`, or None if the data does not start like an HTTP/1.x request."""
+    # RFC 9112 section 2.2: ignore empty lines before the request line (some clients send CRLF after a body).
+    lines = data.lstrip(b"\r\n").split(b"\n")
+    # The last element is whatever follows the last LF: a line that may have been cut.
+    complete = lines[:-1]
+    if complete:
+        match = _REQUEST_LINE.fullmatch(complete[0].removesuffix(b"\r"))
+        if match is None:
+            return None
+        method, target, version = match.groups()
+    else:
+        match = _CUT_REQUEST_LINE.match(lines[0])
+        if match is None or _text(match.group(1)) not in KNOWN_METHODS:
+            return None
+        method, target = match.groups()
+        version = None
+
+    headers: dict[str, str] = {}
+    name = None
+    for line in complete[1:]:
+        line = line.removesuffix(b"\r")
+        if not line:
+            break  # end of the header section: what follows is a body or the next, pipelined, request
+        if line[0] in b" \t":
+            # Obsolete line folding (RFC 9112 section 5.2): the line continues the previous field.
+            if name in headers:
+                headers[name] += " " + _text(line.strip(b" \t"))
+            continue
+        raw_name, colon, value = line.partition(b":")
+        raw_name = raw_name.lower()
+        name = _text(raw_name) if colon and raw_name in _CAPTURED else None
+        if name is not None:
+            value_text = _text(value.strip(b" \t"))
+            headers[name] = headers[name] + "," + value_text if name in headers else value_text
+
+    return _request(_text(method), _text(target), None if version is None else _text(version), headers)
+
+
+def _request(method: str, target: str, version: str | None, headers: dict[str, str]) -> Request:
+    """Splits the request-target (RFC 9112 section 3.2) into the pieces a span reports."""
+    authority, scheme = headers.get("host"), None
+    absolute = _ABSOLUTE_FORM.match(target)
+    if absolute:
+        scheme, authority, target = absolute.group(1).lower(), absolute.group(2), absolute.group(3)
+    elif method == "CONNECT":
+        authority, target = target, ""  # authority-form: a tunnel has no path
+    path, question, query = target.partition("#")[0].partition("?")
+    if absolute and not path:
+        path = "/"  # RFC 9110 section 4.2.3: an empty path of an http(s) URI is "/"
+    return Request(method, path, query if question else None, version, authority, scheme, headers)
+
+
+def parse_response(data: bytes) -> int | None:
+    """Status code of the response at the start of `data`.
+
+    Interim 1xx responses other than 101 (RFC 9110 section 15.2) are skipped when the final response follows
+    in `data`; if it does not, the interim code is returned: the caller recognises it by its range.
+    """
+    status = None
+    while True:
+        match = _STATUS_LINE.match(data)
+        if match is None:
+            return status
+        status = int(match.group(1))
+        if status >= 200 or status == 101:
+            return status
+        end = _EMPTY_LINE.search(data)
+        if end is None:
+            return status
+        data = data[end.end():]
+
+
+# version-format 00 (and the prefix a higher version must share): version, trace-id, parent-id, trace-flags.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
+_ZERO_TRACE_ID, _ZERO_SPAN_ID = "0" * 32, "0" * 16
+_TRACESTATE_KEY = re.compile(
+    r"[a-z][a-z0-9_\-*/]{0,255}"  # simple-key
+    r"|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}"  # multi-tenant-key: tenant-id@system-id
+)
+_TRACESTATE_VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+_TRACESTATE_MAX_MEMBERS = 32
+
+
+def parse_traceparent(value: str | None, tracestate: str | None = None) -> SpanContext | None:
+    """The remote parent a traceparent names, or None when the header must be ignored (W3C section 3.2).
+
+    Version 00 must match its format exactly. A higher version is parsed as far as 00 defines it: at least
+    55 characters, then the next character, if any, must be "-" (section 3.2.4). Version ff, upper-case hex
+    and all-zero ids are invalid. Only the sampled flag is read. tracestate is looked at only when the
+    traceparent is valid (section 3.3).
+    """
+    if value is None:
+        return None
+    match = _TRACEPARENT.fullmatch(value.strip(" \t"))
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+        return None
+    return SpanContext(bytes.fromhex(trace_id), bytes.fromhex(span_id), bool(int(flags, 16) & 1),
+                       parse_tracestate(tracestate) if tracestate else "")
+
+
+def parse_tracestate(value: str) -> str:
+    """The tracestate list without optional whitespace and empty members; "" if the header is invalid.
+
+    An invalid member, a repeated key or more than 32 members make the whole header invalid, and the
+    processing model (W3C section 4.3) allows discarding it: passing on part of it could pass on a state
+    its vendor never wrote.
+    """
+    members = []
+    keys = set()
+    for member in value.split(","):
+        member = member.strip(" \t")
+        if not member:
+            continue
+        key, equals, member_value = member.partition("=")
+        if not equals or key in keys or not _TRACESTATE_KEY.fullmatch(key) \
+                or not _TRACESTATE_VALUE.fullmatch(member_value):
+            return ""
+        keys.add(key)
+        members.append(member)
+    return ",".join(members) if len(members) <= _TRACESTATE_MAX_MEMBERS else ""
+
+
+def server_span_name(req: Request) -> str:
+    """`{method}`: `{method} {target}` needs a low-cardinality route, which bytes on a socket do not tell,
+    and the URI path must not stand in for it. An unknown method is named "HTTP"."""
+    return req.method if req.method in KNOWN_METHODS else "HTTP"
+
+
+def server_span_attributes(req: Request, status: int | None, local: Address | None,
+                           peer: Address | None) -> dict[str, str | int]:
+    """Attributes of the HTTP server span (semantic conventions, stable HTTP).
+
+    `error.type` is present exactly when the span status must be Error: a 5xx status. 4xx responses are not
+    errors of a server span. `status` None means no response was seen.
+    """
+    forwarded = _forwarded(req.headers.get("forwarded"))
+    scheme = (forwarded.get("proto") or _first(req.headers.get("x-forwarded-proto")) or req.scheme or "http").lower()
+    attrs: dict[str, str | int] = {}
+    if req.method in KNOWN_METHODS:
+        attrs["http.request.method"] = req.method
+    else:
+        attrs["http.request.method"] = "_OTHER"
+        attrs["http.request.method_original"] = req.method
+    if req.path:
+        attrs["url.path"] = req.path
+    if req.query is not None:
+        attrs["url.query"] = _redact_query(req.query)
+    attrs["url.scheme"] = scheme
+    if status is not None:
+        attrs["http.response.status_code"] = status
+        if status >= 500:
+            attrs["error.type"] = str(status)
+    server = _server_address(req, forwarded, scheme) or local
+    if server is not None:
+        attrs["server.address"] = server[0]
+        if server[1] is not None:
+            attrs["server.port"] = server[1]
+    if peer is not None:
+        attrs["network.peer.address"], attrs["network.peer.port"] = peer
+    client = _client_address(req, forwarded) or (peer and peer[0])
+    if client:
+        attrs["client.address"] = client
+    if req.user_agent:
+        attrs["user_agent.original"] = req.user_agent
+    if req.version is not None:
+        attrs["network.protocol.version"] = req.version
+    return attrs
+
+
+def _first(value: str | None) -> str | None:
+    """First element of a comma-separated header: the one the client-most proxy wrote."""
+    return value.partition(",")[0].strip() if value else None
+
+
+def _forwarded(value: str | None) -> dict[str, str]:
+    """for/host/proto of the first element of a Forwarded header (RFC 7239), names lower-case."""
+    params = {}
+    for pair in (_first(value) or "").split(";"):
+        name, equals, param = pair.partition("=")
+        if equals:
+            params[name.strip().lower()] = param.strip().strip('"')
+    return params
+
+
+def split_host_port(value: str) -> tuple[str, int | None]:
+    """"example.com:8080", "[::1]:8080", "example.com" -> host (IPv6 without brackets) and port or None."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+    else:
+        host, colon, port = value.partition(":")
+        rest = colon + port
+    port = rest[1:]
+    valid = rest[:1] == ":" and port.isascii() and port.isdigit() and int(port) <= 65535
+    return host, int(port) if valid else None
+
+
+def _server_address(req: Request, forwarded: dict[str, str], scheme: str) -> tuple[str, int | None] | None:
+    """The host the client addressed, as semconv ranks the sources: proxies' headers first, then Host."""
+    for value in (forwarded.get("host"), _first(req.headers.get("x-forwarded-host")), req.authority):
+        if value:
+            host, port = split_host_port(value)
+            if host:
+                return host, port if port is not None else _DEFAULT_PORTS.get(scheme)
+    return None
+
+
+def _client_address(req: Request, forwarded: dict[str, str]) -> str | None:
+    """The original client behind proxies, when a proxy says who it was ("unknown" and "_hidden" do not)."""
+    value = forwarded.get("for")
+    if value:
+        host = split_host_port(value)[0]
+        return None if host == "unknown" or host.startswith("_") else host
+    return _first(req.headers.get("x-forwarded-for"))
+
+
+def _redact_query(query: str) -> str:
+    if not any(key in query for key in _REDACTED_QUERY_KEYS):
+        return query
+    params = []
+    for param in query.split("&"):
+        key, equals, _ = param.partition("=")
+        params.append(f"{key}=REDACTED" if equals and key in _REDACTED_QUERY_KEYS else param)
+    return "&".join(params)
+
+
+def socket_addresses(pid: int, fd: int) -> tuple[Address, Address] | None:
+    """(local, peer) of a TCP socket open as `fd` in process `pid`; None if it is not one or is gone.
+
+    /proc/PID/fd/FD names the socket's inode; /proc/PID/net/tcp{,6} (the process's network namespace)
+    lists every TCP socket with its inode. Reads two files per call: callers cache per (pid, fd) and drop
+    the entry when the fd is closed.
+    """
+    try:
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not (link.startswith("socket:[") and link.endswith("]")):
+        return None
+    inode = link[8:-1]
+    needle = f" {inode} "
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                for line in f:
+                    if needle in line:
+                        fields = line.split()
+                        if fields[9] == inode:  # sl local rem st queues tr retrnsmt uid timeout inode
+                            return _proc_address(fields[1]), _proc_address(fields[2])
+        except OSError:
+            continue
+    return None
+
+
+def _proc_address(field: str) -> Address:
+    """ "0100007F:1F90" -> ("127.0.0.1", 8080).
+
+    The kernel prints each 32-bit word of the address as a native-endian integer and the port in host
+    order. IPv4-mapped IPv6 addresses (a dual-stack socket's IPv4 peers) are reported as IPv4.
+    """
+    address, _, port = field.partition(":")
+    raw = b"".join(struct.pack("=I", int(address[i:i + 8], 16)) for i in range(0, len(address), 8))
+    if len(raw) == 16 and raw[:12] == _IPV4_MAPPED_PREFIX:
+        raw = raw[12:]
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw), int(port, 16)
+
+
+_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"

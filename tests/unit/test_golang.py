@@ -1,0 +1,283 @@
+"""otel_ebpf.golang on the real Go example (with and without .symtab) and on C compiled on the spot,
+checked against the Go tool, nm and objdump."""
+
+import dataclasses
+import re
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from otel_ebpf import golang, symbols
+from otel_ebpf.errors import UserError
+from tests.ground_truth import (GO_TRACED_FUNCTIONS, GOAPP, GOAPP_STRIPPED, LIBGREET, NESTED, build_examples,
+                                expected_go_counts, parse)
+
+GO_BUILDS = [GOAPP, GOAPP_STRIPPED]
+SHAPES_C = """
+#include <stdlib.h>
+__attribute__((noinline)) int leaf(int x) { return x > 100 ? x / 3 : x * 3 + 1; }
+__attribute__((noinline)) int tail(int x) { return leaf(x + 1); }
+__attribute__((noinline, noreturn)) void die(int x) { exit(x); }
+__attribute__((noinline)) int pick(int x)
+{
+    switch (x) {
+    case 0: x += 3; break;
+    case 1: x *= 7; break;
+    case 2: x ^= 0x55; break;
+    case 3: x -= 11; break;
+    case 4: x <<= 3; break;
+    case 5: x = leaf(x); break;
+    case 6: x = leaf(x + 2) * 5; break;
+    case 7: x >>= 2; break;
+    default: x = 0;
+    }
+    return leaf(x) + 1;
+}
+int main(int argc, char **argv) { (void)argv; if (argc > 5) die(argc); return tail(argc) + pick(argc); }
+"""
+_RET_LINE = re.compile(r"\s*([0-9a-f]+):\s+(?:repz |bnd )?ret\b")
+_INSTRUCTION_LINE = re.compile(r"\s*([0-9a-f]+):\s+(.+)")
+_JUMP_TARGET = re.compile(r"j\w+\s+([0-9a-f]+) <")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def examples_built():
+    build_examples()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> str:
+    """C functions compiled by gcc -O2 into the shapes under test; CET on, so each starts with ENDBR64."""
+    workdir = tmp_path_factory.mktemp("shapes")
+    (workdir / "shapes.c").write_text(SHAPES_C)
+    subprocess.run(["gcc", "-O2", "-fcf-protection=full", "-o", "shapes", "shapes.c"], cwd=workdir, check=True)
+    return str(workdir / "shapes")
+
+
+def function(binary, name: str) -> symbols.FunctionSymbol:
+    (found,) = symbols.resolve(str(binary), [name])
+    return found
+
+
+def objdump(binary, symbol: symbols.FunctionSymbol) -> list[str]:
+    """objdump's listing of the symbol's bytes, by address range so it works on stripped binaries too."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={symbol.address:#x}",
+                          f"--stop-address={symbol.address + symbol.size:#x}", str(binary)],
+                         check=True, capture_output=True, text=True).stdout
+    return out.splitlines()
+
+
+def objdump_returns(binary, symbol: symbols.FunctionSymbol) -> list[int]:
+    return [int(m.group(1), 16) for m in map(_RET_LINE.match, objdump(binary, symbol)) if m]
+
+
+def nm_functions(binary) -> list[tuple[int, str]]:
+    """(address, name) of nm's text symbols, sorted by address."""
+    out = subprocess.run(["nm", "--defined-only", str(binary)], check=True, capture_output=True, text=True).stdout
+    rows = [line.split(maxsplit=2) for line in out.splitlines()]
+    return sorted((int(address, 16), name) for address, kind, name in rows if kind in "Tt")
+
+
+def file_bytes(binary, offset: int, size: int) -> bytes:
+    with open(binary, "rb") as stream:
+        stream.seek(offset)
+        return stream.read(size)
+
+
+@pytest.mark.parametrize("binary", GO_BUILDS, ids=lambda path: path.name)
+def test_go_version_is_what_the_go_tool_reports(binary):
+    out = subprocess.run(["go", "version", str(binary)], check=True, capture_output=True, text=True).stdout
+    assert golang.go_version(str(binary)) == out.split(": ", 1)[1].strip()
+    assert golang.check_register_abi(str(binary)) == golang.go_version(str(binary))
+
+
+@pytest.mark.parametrize("binary", [NESTED, LIBGREET, __file__], ids=["c_program", "c_library", "not_elf"])
+def test_other_files_are_not_go(binary):
+    assert golang.go_version(str(binary)) is None
+    with pytest.raises(UserError, match="cannot tell which Go release"):
+        golang.check_register_abi(str(binary))
+
+
+def test_the_stripped_build_has_only_the_go_function_table():
+    with open(GOAPP_STRIPPED, "rb") as stream:
+        sections = {section.name for section in ELFFile(stream).iter_sections()}
+    assert ".gopclntab" in sections and ".symtab" not in sections
+
+
+def test_pclntab_lists_every_function_of_the_symbol_table():
+    """Addresses of the whole table (runtime included) against nm; names too for the program's own code,
+    where .symtab adds no ABI suffix (runtime.goexit.abi0) or generic shape (type..eq.[5]...)."""
+    with open(GOAPP, "rb") as stream:
+        table = golang.pclntab_functions(ELFFile(stream))
+    text = nm_functions(GOAPP)
+    names_at = defaultdict(set)
+    for address, name in text:
+        names_at[address].add(name)
+    etext = {address for address, name in text if name == "runtime.etext"}
+    assert len(table) > 1000
+    assert {f.entry for f in table} == set(names_at) - etext
+    main = [f for f in table if f.name.startswith("main.")]
+    assert {f.name for f in main} >= set(GO_TRACED_FUNCTIONS)
+    assert all(f.name in names_at[f.entry] for f in main)
+    # Each function ends where the next one starts; the last one at runtime.etext.
+    assert [f.end for f in table[:-1]] == [f.entry for f in table[1:]]
+    assert {table[-1].end} == etext
+
+
+def test_stripped_binary_resolves_the_same_go_functions():
+    """Same names and addresses from .gopclntab as from .symtab; sizes reach the next function, padding
+    included, so they are at least the symbol table's."""
+    with_symtab = {f.name: f for f in symbols.list_functions(str(GOAPP)) if f.name.startswith("main.")}
+    stripped = {f.name: f for f in symbols.list_functions(str(GOAPP_STRIPPED)) if f.name.startswith("main.")}
+    assert stripped.keys() == with_symtab.keys()
+    for name, f in stripped.items():
+        assert (f.address, f.offset) == (with_symtab[name].address, with_symtab[name].offset), name
+        assert f.size >= with_symtab[name].size, name
+    assert any(f.size > with_symtab[name].size for name, f in stripped.items()), "no padding was tested"
+
+
+@pytest.mark.parametrize("binary", GO_BUILDS, ids=lambda path: path.name)
+def test_go_patterns_resolve(binary):
+    methods = [f.name for f in symbols.resolve(str(binary), ["main.(*Server).*"])]
+    assert {"main.(*Server).handle", "main.(*Server).parse", "main.(*Server).fanOut"} <= set(methods)
+    assert all(name.startswith("main.(*Server).") for name in methods)
+    assert function(binary, "runtime.goexit").name in ("runtime.goexit", "runtime.goexit.abi0")
+
+
+@pytest.mark.parametrize("name", GO_TRACED_FUNCTIONS)
+@pytest.mark.parametrize("binary", GO_BUILDS, ids=lambda path: path.name)
+def test_go_return_sites_are_objdumps_rets(binary, name):
+    symbol = function(binary, name)
+    sites = golang.return_sites(str(binary), symbol)
+    assert sites == objdump_returns(binary, symbol)
+    assert len(sites) >= 2  # the normal return, and the one after runtime.deferreturn
+    for site in sites:
+        assert symbol.address <= site < symbol.address + symbol.size
+        assert file_bytes(binary, symbol.offset + site - symbol.address, 1) in (b"\xc3", b"\xc2")
+
+
+@pytest.mark.parametrize("name", GO_TRACED_FUNCTIONS)
+def test_go_entry_site_is_past_the_stack_growth_check(name):
+    """Before the entry site: the comparison with the goroutine's stack limit (g in r14) and the jumps to the
+    block that calls runtime.morestack, then jumps back to the first instruction. Nothing after it jumps
+    back to it or before it."""
+    symbol = function(GOAPP, name)
+    entry = golang.entry_site(str(GOAPP), symbol)
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION_LINE.match, objdump(GOAPP, symbol))
+                    if m]
+    prologue = [text for address, text in instructions if address < entry]
+    assert any("0x10(%r14)" in text for text in prologue) and prologue[-1].startswith("jbe")
+    morestack = int(prologue[-1].split()[1], 16)
+    block = [text for address, text in instructions if address >= morestack]
+    assert "runtime.morestack" in next(text for text in block if text.startswith("call"))
+    assert next(text for text in block if text.startswith("jmp")).startswith(f"jmp    {symbol.address:x} <")
+    # Frames over 4 KiB (main.deep) first check that subtracting the frame size does not wrap: a jb too.
+    assert any(text.startswith("jb ") for text in prologue) == (name == "main.deep")
+    after = [m for address, text in instructions if address >= entry for m in [_JUMP_TARGET.match(text)] if m]
+    assert all(int(m.group(1), 16) > entry for m in after if int(m.group(1), 16) != symbol.address)
+
+
+@pytest.mark.parametrize("binary", GO_BUILDS, ids=lambda path: path.name)
+def test_go_function_that_never_returns_is_refused(binary):
+    with pytest.raises(UserError, match=r"runtime\.goexit.*no ret instruction: it never returns"):
+        golang.return_sites(str(binary), function(binary, "runtime.goexit"))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["symbol_size", "up_to_next_function"])
+def test_c_function_with_endbr64_and_two_returns(shapes, padded):
+    """gcc's nop padding after the last ret is skipped, as Go's int3 padding is in the stripped build."""
+    symbol = function(shapes, "leaf")
+    if padded:
+        symbol = dataclasses.replace(symbol, size=function(shapes, "tail").address - symbol.address)
+    assert file_bytes(shapes, symbol.offset, 4) == b"\xf3\x0f\x1e\xfa"
+    sites = golang.return_sites(shapes, symbol)
+    assert sites == objdump_returns(shapes, function(shapes, "leaf")) and len(sites) == 2
+    assert golang.entry_site(shapes, symbol) == symbol.address + 4
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("tail", r"cannot trace tail in .*: it leaves through a jump to 0x[0-9a-f]+ at 0x[0-9a-f]+ \(a tail call\)"),
+    ("pick", r"cannot trace pick in .*: it jumps through a register or memory"),
+    ("die", r"cannot trace die in .*: it has no ret instruction"),
+])
+def test_c_shapes_that_cannot_be_traced_are_refused(shapes, name, reason):
+    with pytest.raises(UserError, match=reason):
+        golang.return_sites(shapes, function(shapes, name))
+
+
+def test_tail_call_target_is_the_called_function(shapes):
+    symbol = function(shapes, "tail")
+    shape = golang.exit_shape(file_bytes(shapes, symbol.offset, symbol.size), symbol.address)
+    assert [target for _, target in shape.jumps_out] == [function(shapes, "leaf").address]
+    assert shape.returns == ()
+
+
+def test_unknown_size_is_refused(shapes):
+    symbol = dataclasses.replace(function(shapes, "leaf"), size=0)
+    with pytest.raises(UserError, match="size is unknown"):
+        golang.return_sites(shapes, symbol)
+
+
+@pytest.mark.parametrize("code, field, expected", [
+    (b"\xc3" + b"\xcc" * 15, "returns", (0x1000,)),  # Go's int3 padding
+    (b"\xc3\x66\x0f\x1f\x44\x00\x00", "returns", (0x1000,)),  # a multi-byte nop
+    (b"\xc2\x08\x00\xcc", "returns", (0x1000,)),  # ret imm16
+    (b"\xf3\xc3", "returns", (0x1000,)),  # repz ret
+    (b"\x48\xff\xcf\x75\xfb\xc3", "reentries", (0x1003,)),  # dec rdi; jne start; ret: a loop to the start
+    (b"\x90\x06\xc3", "undecodable", 0x1001),  # 0x06 is no instruction in 64-bit mode
+    (b"\x31\xc0\x48\x89\xc7", "falls_through", True),  # xor; mov: runs into the next function
+    (b"\x85\xff\x0f\x85\x00\x10\x00\x00\xc3", "jumps_out", ((0x1002, 0x2008),)),  # jne elsewhere: a tail call
+])
+def test_exit_shape(code, field, expected):
+    assert getattr(golang.exit_shape(code, 0x1000), field) == expected
+
+
+def test_goapp_ground_truth_of_work():
+    out = subprocess.run([str(GOAPP), "work", "5"], check=True, capture_output=True, text=True, timeout=60).stdout
+    truth = parse(out)
+    assert Counter(c.fn for c in truth.calls) == expected_go_counts(5)
+    assert truth.done == len(truth.calls)
+    check_goroutine_trees(truth.calls)
+
+
+def test_goapp_ground_truth_of_http():
+    proc = subprocess.Popen([str(GOAPP), "serve", "-port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("pid ")
+        port = int(proc.stdout.readline().removeprefix("listening port="))
+        for request_id in (0, 1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/?id={request_id}", timeout=10) as response:
+                assert response.read().decode().startswith(f"goapp: request {request_id} -> ")
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/?id=x", timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    truth = parse(f"pid {proc.pid}\n{out}")
+    assert Counter(c.fn for c in truth.calls) == expected_go_counts(2)
+    check_goroutine_trees(truth.calls)
+
+
+def check_goroutine_trees(calls):
+    """Per goroutine: seqs 1..N, each call inside its parent, and the parent the one the code calls from."""
+    callers = {"main.(*Server).parse": {"main.(*Server).handle"}, "main.(*Server).fanOut": {"main.(*Server).handle"},
+               "main.fib": {"main.work", "main.fib"}, "main.deep": {"main.work", "main.deep"}}
+    by_key = {(c.tid, c.seq): c for c in calls}
+    per_goroutine = defaultdict(list)
+    for call in calls:
+        per_goroutine[call.tid].append(call.seq)
+    assert all(sorted(seqs) == list(range(1, len(seqs) + 1)) for seqs in per_goroutine.values())
+    for call in calls:
+        if call.parent == 0:
+            assert call.fn in ("main.(*Server).handle", "main.work"), call
+            continue
+        parent = by_key[(call.tid, call.parent)]
+        assert parent.fn in callers[call.fn], (parent, call)
+        assert parent.start <= call.start <= call.end <= parent.end, (parent, call)
+
