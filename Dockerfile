@@ -7,10 +7,10 @@
 FROM debian:12-slim
 
 # python3-bpfcc: BCC comes from Debian (the PyPI "bcc" is an unrelated project).
-# gcc, libc6-dev, make: to build the examples.
+# gcc, libc6-dev, make, golang-go: to build the examples; binutils: c++filt demangles C++/Rust names.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3-bpfcc python3-venv gcc libc6-dev make \
+        python3-bpfcc python3-venv gcc libc6-dev make golang-go binutils \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

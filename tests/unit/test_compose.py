@@ -98,6 +98,7 @@ def test_sidecar_settings_load_and_name_the_demo_probes():
     assert {binary.rsplit("/", 1)[1]: set(symbols) for binary, symbols in probes().items()} == {
         "nested": {"handle_request", "parse_request", "compute", "fib"},
         "libgreet.so": {"greet"},
+        "httpserver": {"handle_request", "parse_query", "compute", "render"},
     }
 
 
@@ -139,9 +140,21 @@ def test_image_builds_the_examples_where_the_probes_look():
     assert ("RUN", "make -C examples") in instructions
     workdir = image_workdir()
     example_command = " ".join(SERVICES["example"]["command"])
+    assert example_command.startswith(workdir + "/examples/")
+    script = (ROOT / Path(example_command).relative_to(workdir)).read_text()
     for binary in probes():
         assert binary.startswith(workdir + "/examples/build/"), binary
-    assert any(binary in example_command for binary in probes())
+        if not binary.endswith(".so"):
+            assert Path(binary).name in script, f"the example container never runs {binary}"
+
+
+def test_client_exports_to_jaeger_and_server_has_its_own_service_name():
+    """One trace in Jaeger: the SDK client's spans and otel-ebpf's, under two services."""
+    env = environment(SERVICES["example"])
+    assert urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"]).hostname == "jaeger"
+    script = (ROOT / "examples" / "demo.sh").read_text()
+    assert "OTEL_SERVICE_NAME=web-server" in script and "OTEL_SERVICE_NAME=http-client" in script
+    assert "/opt/otel-ebpf/bin/python" in script
 
 
 def test_probed_functions_exist_in_the_built_examples():
