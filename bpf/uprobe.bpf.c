@@ -246,3 +246,21 @@ static __always_inline int on_return(__u32 probe_id, struct stack_key key)
 #define DEFINE_GO_PROBE(n, goid_offset) \
 	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, goroutine_key(ctx), goid_offset); } \
 	int probe_return_##n(struct pt_regs *ctx) { return on_return(n, goroutine_key(ctx)); }
+
+/* A thread that exits inside probed calls never returns from them: forget its stack (and, with HTTP
+ * tracing, its request and pending syscalls) now rather than when the LRU gets round to it. Goroutine
+ * stacks of an exiting Go process are left to the LRU: they cannot be enumerated here. */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct stack_key key = {.goroutine = 0, .tgid = id >> 32, .tid = (__u32)id};
+	call_stacks.delete(&key);
+#ifdef HTTP_TRACING
+	thread_requests.delete(&id);
+	pending_reads.delete(&id);
+	pending_writes.delete(&id);
+	if (key.tgid == key.tid)
+		http_processes.delete(&key.tgid);
+#endif
+	return 0;
+}

@@ -20,7 +20,7 @@ import sys
 from otel_ebpf import events
 from otel_ebpf.errors import UserError
 
-MAPS = ("events", "counters", "latency")  # always handed over; the request may ask for more
+MAPS = ("events", "counters", "latency", "call_stacks")  # always handed over; the request may ask for more
 FDS_PER_MESSAGE = 250  # the kernel accepts at most 253 descriptors per message (SCM_MAX_FD)
 
 
@@ -65,7 +65,7 @@ def main() -> None:
         request = json.load(sys.stdin)
         bpf = load(request)
         map_fds = [bpf[name].map_fd for name in request["maps"]]
-        # Tracepoints (HTTP) were attached by BCC itself when it loaded the program.
+        # Tracepoints (thread exit, HTTP) were attached by BCC itself when it loaded the program.
         attachments = list(bpf.uprobe_fds.values()) + list(bpf.tracepoint_fds.values())
         header = {"ok": True, "attachments": len(attachments)}
         socket.send_fds(sock, [json.dumps(header).encode()], map_fds)

@@ -20,6 +20,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     AggregationTemporality,
+    Gauge,
     Histogram,
     HistogramDataPoint,
     Metric,
@@ -54,6 +55,7 @@ class CounterInfo:
     unit: str
     description: str
     attributes: tuple[tuple[str, str], ...] = ()
+    monotonic: bool = True  # False: a current level, exported as a Gauge
 
 
 COUNTERS = {
@@ -67,6 +69,10 @@ COUNTERS = {
     ),
     "otel_ebpf.calls.unrecorded": CounterInfo(
         "{call}", "Finished calls of probed functions that the kernel could not turn into spans.",
+    ),
+    "otel_ebpf.call_stacks": CounterInfo(
+        "{thread}", "Threads and goroutines with a call stack in the kernel; follows the live ones unless state leaks.",
+        monotonic=False,
     ),
 }
 """The counters :meth:`MetricsEncoder.encode` knows; each value is keyed by error.type ('' for success)."""
@@ -208,6 +214,8 @@ class MetricsEncoder:
             )
             for error, count in values.items()
         ]
+        if not info.monotonic:
+            return Metric(name=name, unit=info.unit, description=info.description, gauge=Gauge(data_points=points))
         return Metric(
             name=name, unit=info.unit, description=info.description,
             sum=Sum(data_points=points, aggregation_temporality=_CUMULATIVE, is_monotonic=True),

@@ -26,6 +26,7 @@ WAKEUP_EVERY = 64
 MAX_PROBES = 512
 LATENCY_BUCKETS = 40  # bpf/event.h
 LATENCY_SLOTS = LATENCY_BUCKETS + 1
+_STACK_KEY_SIZE = 16  # struct stack_key in bpf/maps.h
 
 _CAP_PERFMON, _CAP_BPF = 38, 39
 
@@ -145,7 +146,7 @@ class _MapAttr(ctypes.Structure):
 
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}[platform.machine()]
-_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM = 1, 2
+_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_GET_NEXT_KEY = 1, 2, 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -179,6 +180,18 @@ class PerCpuArray:
             _map_call(_BPF_MAP_LOOKUP_ELEM, self.fd, key, values)
             result.append(sum(values))
         return result
+
+
+def count_keys(fd: int, key_size: int) -> int:
+    """Entries in a hash map: walks its keys (the kernel has no cheaper way to tell)."""
+    key, next_key = (ctypes.c_uint8 * key_size)(), (ctypes.c_uint8 * key_size)()
+    attr = _MapAttr(map_fd=fd, key=0, value=ctypes.addressof(next_key))  # key NULL: the first key
+    count = 0
+    while _libc.syscall(_NR_BPF, _BPF_MAP_GET_NEXT_KEY, ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
+        count += 1
+        ctypes.memmove(key, next_key, key_size)
+        attr.key = ctypes.addressof(key)
+    return count
 
 
 class ProbeSet:
@@ -221,6 +234,10 @@ class ProbeSet:
         slots = self._latency.sums()
         return [(slots[i:i + LATENCY_BUCKETS], slots[i + LATENCY_BUCKETS])
                 for i in range(0, len(slots), LATENCY_SLOTS)]
+
+    def call_stacks(self) -> int:
+        """Threads and goroutines the kernel keeps a call stack for: should follow the live ones."""
+        return count_keys(self._maps["call_stacks"], _STACK_KEY_SIZE)
 
     def close(self) -> None:
         """Closing the uprobe and tracepoint descriptors detaches the programs; the kernel frees the rest."""

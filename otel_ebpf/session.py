@@ -67,7 +67,9 @@ def _metrics(settings: Settings, probes: list[Probe], probe_set: ProbeSet, proce
     def collect():
         latencies = [FunctionLatency(p.symbol.demangled, p.binary, tuple(counts), total)
                      for p, (counts, total) in zip(probes, probe_set.latencies())]
-        return latencies, _loss_counters(processor.stats, probe_set.counters())
+        counters = _loss_counters(processor.stats, probe_set.counters())
+        counters["otel_ebpf.call_stacks"] = {"": probe_set.call_stacks()}
+        return latencies, counters
 
     return MetricsExporter(collect, encoder, sinks, settings.metric_export_interval_s, settings.metric_export_timeout_s)
 

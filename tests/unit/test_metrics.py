@@ -124,6 +124,14 @@ def test_counters_are_cumulative_monotonic_sums_by_error_type(name, values, unit
     assert received == values
 
 
+def test_call_stacks_is_a_gauge_of_the_current_level():
+    _, metrics = decode(encoder().encode([], {"otel_ebpf.call_stacks": {"": 3}}, NOW_NS))
+    metric = metrics["otel_ebpf.call_stacks"]
+    assert (metric.unit, metric.WhichOneof("data")) == ("{thread}", "gauge")
+    (point,) = metric.gauge.data_points
+    assert (point.as_int, point.time_unix_nano, attributes(point)) == (3, NOW_NS, {})
+
+
 @pytest.mark.parametrize(
     "latencies, counters, reason",
     [
