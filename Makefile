@@ -24,6 +24,10 @@ unit: setup examples
 e2e: setup examples
 	$(PY) -m pytest tests/e2e
 
+# Tracing cost to the example's tight loop and span delivery, otel-ebpf vs bpftrace and the stock SDK (~3 min).
+bench: setup examples
+	$(PY) bench/run.py
+
 clean:
 	$(MAKE) -C examples clean
 	rm -rf .pytest_cache

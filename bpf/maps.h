@@ -54,6 +54,15 @@ BPF_PERCPU_ARRAY(unwoken, __u32, 1);
 /* Never read or written at run time: its value type lets user space check the compiled event layout. */
 BPF_ARRAY(event_layout, struct event_layouts, 1);
 
+/* An HTTP request in flight, from its read until its response is written. */
+struct request_context {
+	__u64 trace_id[2];
+	__u64 span_id;           /* of the SERVER span */
+	__u64 thread;            /* pid_tgid of the thread that read it */
+	__u32 sampled;
+	__u32 pad;
+};
+
 #ifdef HTTP_TRACING
 /* A read or write in progress on a thread of a watched process: the syscall's arguments, kept from
  * entry to exit, where the data is there to read. Keyed by pid_tgid. */
@@ -72,15 +81,6 @@ BPF_HASH(http_processes, __u32, __u8, 65536);
 struct connection_key {
 	__u32 tgid;
 	__u32 fd;
-};
-
-/* An HTTP request in flight, from its read until its response is written. */
-struct request_context {
-	__u64 trace_id[2];
-	__u64 span_id;           /* of the SERVER span */
-	__u64 thread;            /* pid_tgid of the thread that read it */
-	__u32 sampled;
-	__u32 pad;
 };
 
 /* Requests in flight per connection. LRU: a connection closed behind our back cannot stay forever. */

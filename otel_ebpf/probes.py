@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otel_ebpf import events, golang, loader
+from otel_ebpf.config import Settings
 from otel_ebpf.errors import UserError
 from otel_ebpf.symbols import FunctionSymbol
 
@@ -76,6 +77,15 @@ class Tunables:
     parent_based: bool = True
     min_duration_ns: int = 0
     http: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Tunables:
+        sampler = settings.sampler
+        return cls(max_depth=settings.max_depth, max_threads=settings.max_threads,
+                   ring_buffer_size=settings.ring_buffer_size,
+                   sample_threshold=None if sampler.sample_all else sampler.bound,
+                   parent_based=sampler.parent_based, min_duration_ns=settings.min_duration_ns,
+                   http=settings.http)
 
 
 def check_privileges() -> None:

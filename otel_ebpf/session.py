@@ -28,15 +28,6 @@ def _sinks(exporters: tuple[str, ...], otlp, console_format, console: TextIO) ->
             for name in exporters]
 
 
-def _tunables(settings: Settings) -> Tunables:
-    sampler = settings.sampler
-    return Tunables(max_depth=settings.max_depth, max_threads=settings.max_threads,
-                    ring_buffer_size=settings.ring_buffer_size,
-                    sample_threshold=None if sampler.sample_all else sampler.bound,
-                    parent_based=sampler.parent_based, min_duration_ns=settings.min_duration_ns,
-                    http=settings.http)
-
-
 def _describe(settings: Settings) -> str:
     names = [f"otlp {settings.otlp.protocol} {settings.otlp.endpoint}" if name == "otlp" else name
              for name in settings.traces_exporters]
@@ -79,7 +70,7 @@ def run(settings: Settings, probes: list[Probe], command: Command | None = None,
     """Trace until the command exits (returning its status) or SIGINT/SIGTERM arrives (returning 0)."""
     pid = command.spawn_paused() if command else settings.pid
     try:
-        probe_set = ProbeSet(probes, _tunables(settings), pid)
+        probe_set = ProbeSet(probes, Tunables.from_settings(settings), pid)
     except BaseException:
         if command:
             command.abandon()

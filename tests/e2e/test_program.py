@@ -1,0 +1,47 @@
+"""Every combination of compile-time tunables builds, loads and behaves: the BPF program is C with
+#ifdefs, and a variant nobody runs is a variant that does not compile."""
+
+import subprocess
+
+import pytest
+
+from otel_ebpf import symbols
+from otel_ebpf.events import SPAN
+from otel_ebpf.probes import ProbeSet, Tunables, plan
+from tests.ground_truth import NESTED
+
+FUNCTIONS = ["handle_request", "fib"]
+
+
+def events_of_one_run(tunables: Tunables) -> list:
+    """Spans the kernel emits for `nested 1 2` under these tunables."""
+    path = symbols.binary_path(str(NESTED))
+    probe_set = ProbeSet(plan(path, symbols.resolve(path, FUNCTIONS)), tunables)
+    try:
+        ring = probe_set.ring()
+        subprocess.run([path, "1", "2"], stdout=subprocess.DEVNULL, check=True)
+        return [e for e in ring.read() if e.kind == SPAN.kind]
+    finally:
+        probe_set.close()
+
+
+# nested 1 2: requests 0 and 1 compute fib(3) and fib(4): 5 + 9 fib calls, 2 handle_request.
+ALL = 16
+
+
+@pytest.mark.parametrize("tunables, expected", [
+    (Tunables(), ALL),
+    (Tunables(http=True), ALL),
+    (Tunables(sample_threshold=0, parent_based=False), 0),
+    (Tunables(sample_threshold=0, parent_based=True, http=True), 0),
+    (Tunables(sample_threshold=(1 << 64) - 1), ALL),
+    (Tunables(max_depth=2), 2 + 2),  # handle_request and the outermost fib of each request
+], ids=["plain", "http", "always_off", "parentbased_always_off_http", "ratio_1", "max_depth_2"])
+def test_variant_loads_and_emits(tunables, expected):
+    assert len(events_of_one_run(tunables)) == expected
+
+
+def test_min_duration_keeps_long_calls_and_their_ancestors():
+    """handle_request sleeps 1 ms; fib calls take microseconds and have no exported descendant."""
+    spans = events_of_one_run(Tunables(min_duration_ns=500_000))
+    assert len(spans) == 2 and {e.depth for e in spans} == {0}
