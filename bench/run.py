@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from bench.bpf_cost import program_cost
 from otel_ebpf.config import load_settings
 from tests.otlp_receiver import OtlpReceiver
 
@@ -46,11 +47,17 @@ RSS_SAMPLE_S = 0.01
 QUICK_CALLS, QUICK_ROUNDS = 5000, 1
 TARGETS = {
     "otel_ebpf_vs_bpftrace": ("<=", 1.15),
+    "per_call_cpu_otel_ebpf_vs_bpftrace": ("<=", 1.15),
     "delivery_otel_ebpf_vs_stock": (">=", 10.0),
     "otel_ebpf_peak_rss_mb": ("<=", 120.0),
     "otel_ebpf_spans_lost": ("<=", 0),
 }
 DEFINITIONS = {
+    "bpf_ns_per_call": "kernel CPU time of the entry and return BPF programs per call (bpf_stats run_time_ns), "
+                       "otel-ebpf's programs and a bpftrace-equivalent floor compiled from the same sources",
+    "per_call_cpu_otel_ebpf_vs_bpftrace": "(bpftrace ns/call + otel-ebpf BPF ns - floor BPF ns) / bpftrace "
+                                          "ns/call: the target's per-call cost with only the programs' "
+                                          "difference added, free of CPU contention from the sidecar",
     "ns_per_call": "mean wall-clock cost of one tick() call as the loop measures it (CLOCK_MONOTONIC around "
                    "the loop, so time the loop waits for a CPU counts too)",
     "loop_cpu_ns_per_call": "the loop process's own utime+stime (wait4) / calls: the probes' cost without "
@@ -311,6 +318,9 @@ def ratios(cost: dict, pipes: dict) -> dict:
         "delivery_otel_ebpf_vs_stock_whole_run_queue": ratio(big_ours["spans_per_s"], big_stock["spans_per_s"]),
         "cpu_per_span_stock_vs_otel_ebpf": ratio(stock["cpu_per_100k_spans_s"], ours["cpu_per_100k_spans_s"]),
         "peak_rss_stock_vs_otel_ebpf": ratio(stock["peak_rss_mb"], ours["peak_rss_mb"]),
+        "bpf_time_otel_ebpf_vs_floor": ratio(cost["otel_ebpf_bpf_ns_per_call"], cost["floor_bpf_ns_per_call"]),
+        "per_call_cpu_otel_ebpf_vs_bpftrace": ratio(cost["bpftrace_ns_per_call"] + cost["otel_ebpf_bpf_ns_per_call"]
+                                                    - cost["floor_bpf_ns_per_call"], cost["bpftrace_ns_per_call"]),
     }
 
 
@@ -347,6 +357,9 @@ def report(results: dict) -> str:
         f"   {'bpftrace (the floor)':34s} {cost['bpftrace_ns_per_call']:10.1f}",
         f"   {'otel-ebpf, exporting to a receiver':34s} {cost['otel_ebpf_ns_per_call']:10.1f}",
         f"   {'otel-ebpf, export off':34s} {cost['otel_ebpf_no_export_ns_per_call']:10.1f}",
+        "   BPF program time per call (kernel bpf_stats: entry + return programs, no trap, no contention)",
+        f"   {'floor (bpftrace-equivalent)':34s} {cost['floor_bpf_ns_per_call']:10.1f}",
+        f"   {'otel-ebpf':34s} {cost['otel_ebpf_bpf_ns_per_call']:10.1f}",
         "",
         "B) delivery: the sidecar traces the loop by --pid and exports OTLP/HTTP to a receiver",
         f"   {'':34s} {'received':>9s} {'lost':>7s} {'spans/s':>9s} {'loop ns/call':>12s} {'loop CPU ns/call':>16s}",
@@ -400,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"A) target cost: {rounds} round(s) of {calls} calls", flush=True)
     cost = target_cost(calls, rounds)
+    cost.update(program_cost(str(LOOP), SYMBOL, calls))
     print(f"B, C) delivery and sidecar cost: {rounds} round(s) of {calls} calls", flush=True)
     pipes = delivery(calls, rounds)
     results = {

@@ -62,7 +62,7 @@ static __always_inline void on_read(long ret)
 		return;
 
 	struct bpf_pidns_info ns = {};
-	if (bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, &ns, sizeof(ns)))
+	if (visible_ids(&ns))
 		return;
 	struct http_request_event *event = events.ringbuf_reserve(sizeof(struct http_request_event));
 	if (!event) {
@@ -107,7 +107,7 @@ static __always_inline void finish_request(int fd, const void *buf, long length)
 	if (!request)
 		return;
 	struct bpf_pidns_info ns = {};
-	bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, &ns, sizeof(ns));
+	visible_ids(&ns);
 	struct http_response_event *event = events.ringbuf_reserve(sizeof(struct http_response_event));
 	if (event) {
 		__u32 n = length < HTTP_RESPONSE_CAPTURE ? length : HTTP_RESPONSE_CAPTURE;

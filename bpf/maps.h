@@ -47,10 +47,6 @@ BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
  * bucket is open-ended) and slot p * LATENCY_SLOTS + LATENCY_BUCKETS sums their durations in ns. */
 BPF_PERCPU_ARRAY(latency, __u64, NPROBES * LATENCY_SLOTS);
 
-/* Per-CPU number of events emitted since the last consumer wake-up: waking user space once per
- * WAKEUP_EVERY events instead of once per event keeps the target's per-call cost low. */
-BPF_PERCPU_ARRAY(unwoken, __u32, 1);
-
 /* Never read or written at run time: its value type lets user space check the compiled event layout. */
 BPF_ARRAY(event_layout, struct event_layouts, 1);
 

@@ -1,7 +1,7 @@
 /* Entry and return programs for probed functions. The kernel pairs each return with its entry on a
  * per-thread stack, makes trace and span ids, and emits one span_event per finished call.
  *
- * Tunables (-D): NPROBES, MAX_DEPTH, MAX_THREADS, RINGBUF_PAGES, WAKEUP_EVERY, PIDNS_DEV, PIDNS_INO,
+ * Tunables (-D): NPROBES, MAX_DEPTH, MAX_THREADS, RINGBUF_PAGES, PIDNS_DEV and PIDNS_INO (see visible_ids),
  * SAMPLE_ALL or SAMPLE_THRESHOLD (a root is sampled when the lower 64 bits of its trace id, read big-endian,
  * are below it: the OpenTelemetry TraceIdRatioBased rule), PARENT_BASED, MIN_DURATION_NS, and HTTP_TRACING
  * to add http.bpf.c (appended by user space) and make probed calls children of the request served.
@@ -22,17 +22,19 @@ static __always_inline __u64 random_id(void)
 	return id ? id : 1;
 }
 
-/* Wake the consumer only every WAKEUP_EVERY events; it also polls on a short timer for the rest. */
-static __always_inline __u64 wakeup_flag(void)
+/* The pid and tid as the tracer sees them. A tracer in a child PID namespace (a container sharing the
+ * target's namespace) is built with PIDNS_DEV/PIDNS_INO and translates; in the initial namespace the kernel's
+ * ids are already right and the helper's cost is saved. Non-zero: the task is outside that namespace. */
+static __always_inline int visible_ids(struct bpf_pidns_info *ns)
 {
-	__u32 zero = 0;
-	__u32 *n = unwoken.lookup(&zero);
-	if (!n)
-		return 0;
-	if (++*n < WAKEUP_EVERY)
-		return BPF_RB_NO_WAKEUP;
-	*n = 0;
-	return BPF_RB_FORCE_WAKEUP;
+#ifdef PIDNS_INO
+	return bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, ns, sizeof(*ns));
+#else
+	__u64 id = bpf_get_current_pid_tgid();
+	ns->tgid = id >> 32;
+	ns->pid = (__u32)id;
+	return 0;
+#endif
 }
 
 /* The call enclosing the one at `depth`, NULL at the root. */
@@ -209,7 +211,7 @@ static __always_inline int on_return(__u32 probe_id, struct stack_key key)
 		return 0;
 
 	struct bpf_pidns_info ns = {};
-	if (bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, &ns, sizeof(ns)))
+	if (visible_ids(&ns))
 		return 0; /* a process outside the tracer's PID namespace: invisible to it */
 
 	struct span_event *event = events.ringbuf_reserve(sizeof(struct span_event));
@@ -232,7 +234,9 @@ static __always_inline int on_return(__u32 probe_id, struct stack_key key)
 	event->probe_id = probe_id;
 	event->depth = depth;
 	event->goroutine_id = stack->goroutine_id;
-	events.ringbuf_submit(event, wakeup_flag());
+	/* No wake-up: the consumer polls on a short timer. A wake-up per event (or per batch, counted per CPU)
+	 * costs the traced call more than the whole ring buffer write. */
+	events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
 	return 0;
 }
 

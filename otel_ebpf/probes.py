@@ -21,8 +21,8 @@ from otel_ebpf.symbols import FunctionSymbol
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM = "uprobe.bpf.c"
 HTTP_PROGRAM = "http.bpf.c"
-# Consumer wake-ups per emitted events: one in WAKEUP_EVERY; a short poll timer catches the rest.
-WAKEUP_EVERY = 64
+# The initial PID namespace's inode number (PROC_PID_INIT_INO): there, kernel pids need no translation.
+INIT_PID_NAMESPACE = 0xEFFFFFFC
 # More probes than this means a pattern matched far more than intended (e.g. "*" over libc).
 MAX_PROBES = 512
 LATENCY_BUCKETS = 40  # bpf/event.h
@@ -132,12 +132,11 @@ def build_program(probes: list[Probe], tunables: Tunables) -> tuple[str, list[st
         f"-DMAX_DEPTH={tunables.max_depth}",
         f"-DMAX_THREADS={tunables.max_threads}",
         f"-DRINGBUF_PAGES={tunables.ring_buffer_size // os.sysconf('SC_PAGE_SIZE')}",
-        f"-DWAKEUP_EVERY={WAKEUP_EVERY}",
-        f"-DPIDNS_DEV={dev}ULL",
-        f"-DPIDNS_INO={ino}ULL",
+
         f"-DMIN_DURATION_NS={tunables.min_duration_ns}ULL",
         "-DSAMPLE_ALL" if tunables.sample_threshold is None else f"-DSAMPLE_THRESHOLD={tunables.sample_threshold}ULL",
     ]
+    cflags += [] if ino == INIT_PID_NAMESPACE else [f"-DPIDNS_DEV={dev}ULL", f"-DPIDNS_INO={ino}ULL"]
     cflags += ["-DPARENT_BASED"] if tunables.parent_based else []
     cflags += ["-DHTTP_TRACING"] if tunables.http else []
     source = (BPF_DIR / PROGRAM).read_text() + "".join(

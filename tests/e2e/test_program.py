@@ -2,13 +2,16 @@
 #ifdefs, and a variant nobody runs is a variant that does not compile."""
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from otel_ebpf import symbols
 from otel_ebpf.events import SPAN
 from otel_ebpf.probes import ProbeSet, Tunables, plan
-from tests.ground_truth import NESTED
+from tests.e2e.conftest import clean_env
+from tests.ground_truth import NESTED, parse
 
 FUNCTIONS = ["handle_request", "fib"]
 
@@ -45,3 +48,21 @@ def test_min_duration_keeps_long_calls_and_their_ancestors():
     """handle_request sleeps 1 ms; fib calls take microseconds and have no exported descendant."""
     spans = events_of_one_run(Tunables(min_duration_ns=500_000))
     assert len(spans) == 2 and {e.depth for e in spans} == {0}
+
+
+def test_in_a_child_pid_namespace_pids_are_the_ones_seen_there(tmp_path):
+    """A sidecar in a container sees the target's pid as its namespace numbers it (the kernel translates,
+    see visible_ids in bpf/uprobe.bpf.c): `unshare` puts tracer and command in a new PID namespace."""
+    truth_file = tmp_path / "truth.txt"
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "otel_ebpf", "trace", str(NESTED),
+         "handle_request", "--", str(NESTED), "1", "2"],
+        env={**clean_env(NESTED_GROUND_TRUTH=str(truth_file)), "OTEL_TRACES_EXPORTER": "console"},
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    truth = parse(truth_file.read_text())
+    assert truth.pid < 100, "nested ran in the new namespace, where pids start again"
+    lines = [line for line in result.stdout.splitlines() if " handle_request " in line]
+    tids = {c.tid for c in truth.calls if c.fn == "handle_request"}
+    assert len(lines) == 2
+    assert all(f"pid={truth.pid} " in line and any(f"tid={tid} " in line for tid in tids) for line in lines)
