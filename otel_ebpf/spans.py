@@ -231,7 +231,7 @@ class SpanEncoder:
         if "error.type" in s.attributes:
             parts.append(field(15, varint(3 << 3) + varint(STATUS_CODE_ERROR)))
         if s.parent:
-            parts.append(_FLAGS.pack(16 << 3 | 5, FLAGS_REMOTE_PARENT | int(s.parent.sampled)))
+            parts.append(varint(16 << 3 | 5) + _FLAGS.pack(FLAGS_REMOTE_PARENT | int(s.parent.sampled)))
         return b"".join(parts)
 
     def format(self, e) -> str:
@@ -255,5 +255,5 @@ class SpanEncoder:
 
 # start_time_unix_nano (7) and end_time_unix_nano (8) are fixed64: tag byte + 8 bytes each.
 _TIMES = struct.Struct("<BQBQ")
-# flags (16) is fixed32: tag byte + 4 bytes.
-_FLAGS = struct.Struct("<BI")
+# flags (16) is fixed32: its tag takes two bytes as a varint, then 4 bytes.
+_FLAGS = struct.Struct("<I")

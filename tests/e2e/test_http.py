@@ -1,0 +1,217 @@
+"""HTTP requests to the real httpserver become SERVER spans in the caller's trace, parents of the probed calls
+that serve them: checked against the server's and the OTel-SDK client's own ground truth, and the client's own
+CLIENT spans, all received by one real OTLP receiver."""
+
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.conftest import Output, clean_env
+from tests.e2e.spancheck import CLOCK_SLACK_NS, attributes, check_tree, match, match_requests, named
+from tests.ground_truth import HTTP_CLIENT, HTTPSERVER, NESTED, ClientRequest, GroundTruth, parse, parse_client
+
+FUNCTIONS = ("handle_request", "parse_query", "compute", "render")
+CLIENT_REQUESTS = 7  # one round of http_client's PLAN
+RAW_USER_AGENT = "otel-ebpf-e2e/1"
+PER_SPAN = ("thread.id", "process.pid", "network.peer.port")  # checked apart from the other attributes
+# Read from /proc when the request is seen (the kernel cannot tell them without kernel-version-specific
+# struct offsets): absent when the connection had already closed, right whenever present.
+FROM_PROC = {"network.peer.address": "127.0.0.1", "client.address": "127.0.0.1"}
+
+
+def otlp_env(receiver) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.http_endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+
+
+def start_client(port: int, receiver) -> subprocess.Popen:
+    """http_client.py exports its CLIENT spans to the same receiver, so the test sees whole traces."""
+    return subprocess.Popen([sys.executable, str(HTTP_CLIENT), str(port), str(CLIENT_REQUESTS)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(**otlp_env(receiver)))
+
+
+def client_lines(client: subprocess.Popen) -> list[ClientRequest]:
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    return parse_client(out)
+
+
+def raw_get(port: int, target: str) -> tuple[int, int]:
+    """A hand-written HTTP/1.0 request: a User-Agent, no Host, no traceparent; the server closes the connection.
+    Returns the status and the client's port, which the SERVER span must name as the peer's."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(f"GET {target} HTTP/1.0\r\nUser-Agent: {RAW_USER_AGENT}\r\n\r\n".encode())
+        response = b"".join(iter(lambda: conn.recv(4096), b""))
+        return int(response.split()[1]), conn.getsockname()[1]
+
+
+@pytest.fixture
+def server():
+    """httpserver started by the test itself (not under `otel-ebpf trace`), its stdout kept in a file."""
+    started = []
+
+    def start(requests: int) -> tuple[subprocess.Popen, Output]:
+        out = Output()
+        proc = subprocess.Popen([str(HTTPSERVER), "0", str(requests)], stdout=out.file, env=clean_env())
+        started.append(proc)
+        return proc, out
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def expected_attributes(request, port: int) -> dict:
+    """What the bytes on the socket say, as the ground truth knows them; raw_get's requests carry `via=raw`."""
+    raw = "via=raw" in (request.query or "")
+    expected = {"http.request.method": request.method, "url.path": request.path, "url.scheme": "http",
+                "http.response.status_code": request.status, "network.protocol.version": "1.0" if raw else "1.1"}
+    if not raw:  # from the Host header; raw_get sends none, so they would come from /proc
+        expected.update({"server.address": "127.0.0.1", "server.port": port})
+    if request.query is not None:
+        expected["url.query"] = request.query
+    if raw:
+        expected["user_agent.original"] = RAW_USER_AGENT  # http.client sends none
+    return expected
+
+
+def check_http(received, truth: GroundTruth, clients: list[list[ClientRequest]], port: int, raw_ports: dict[str, int],
+               correlated) -> None:
+    """Every SERVER span against its request and its client (or raw_get's port, by target); every function
+    span under its request's SERVER span. `correlated(request)` says which requests must have a SERVER span."""
+    command_line = f"{HTTPSERVER} 0 {len(truth.requests)}"
+    for resource, span in received:
+        if resource.get("process.pid") == truth.pid:
+            assert (resource["service.name"], resource["process.command_line"]) == ("httpserver", command_line)
+            assert resource["process.executable.path"] == str(HTTPSERVER.resolve())
+    client_spans = {s.span_id.hex(): s for r, s in received if r["service.name"] == "http-client"}
+    assert len(client_spans) == sum(map(len, clients))
+    by_traceparent = {}
+    for number, lines in enumerate(clients):
+        for line in lines:
+            exported = client_spans[line.span_id]
+            assert (exported.kind, exported.trace_id.hex()) == (exported.SPAN_KIND_CLIENT, line.trace_id)
+            if line.traceparent:
+                by_traceparent[line.traceparent] = (number, line)
+
+    servers = match_requests(received, truth)
+    assert [r for r in truth.requests if correlated(r) and r not in servers] == [], "requests without SERVER span"
+    connections = {}  # (client, conn) -> {(server thread, peer port)}
+    for request, (_, span) in servers.items():
+        attrs = attributes(span)
+        assert (span.kind, span.name) == (span.SPAN_KIND_SERVER, request.method)
+        for key, value in FROM_PROC.items():
+            assert attrs.pop(key, value) == value
+        if "via=raw" in (request.query or ""):  # no Host header: the server's address comes from /proc too
+            assert (attrs.pop("server.address", "127.0.0.1"), attrs.pop("server.port", port)) == ("127.0.0.1", port)
+        assert {k: v for k, v in attrs.items() if k not in PER_SPAN} == expected_attributes(request, port)
+        assert span.status.code == span.status.STATUS_CODE_UNSET  # no 5xx here: 404 is the client's error
+        if request.traceparent:
+            number, client = by_traceparent[request.traceparent]
+            assert (span.trace_id.hex(), span.parent_span_id.hex()) == (client.trace_id, client.span_id)
+            assert span.flags == 0x300 | int(request.traceparent[-2:], 16) & 1, "remote parent, its sampled flag"
+            assert span.trace_state == (client.tracestate or "")
+            outer = client_spans[client.span_id]
+            assert outer.start_time_unix_nano - CLOCK_SLACK_NS <= span.start_time_unix_nano, "before its client"
+            assert span.end_time_unix_nano <= outer.end_time_unix_nano + CLOCK_SLACK_NS, "after its client"
+            connections.setdefault((number, client.conn), set()).add(attrs["thread.id"])
+        else:
+            assert span.parent_span_id == b"" and not span.flags & 0x200, "no traceparent: a trace root"
+        if request.target in raw_ports and "network.peer.port" in attrs:
+            assert attrs["network.peer.port"] == raw_ports[request.target]
+    trace_ids = [span.trace_id for _, span in servers.values()]
+    assert len(set(trace_ids)) == len(trace_ids)
+    assert not {t.hex() for t in trace_ids} & {c.trace_id for lines in clients for c in lines if not c.traceparent}
+    assert all(len(c) == 1 for c in connections.values()), "a keep-alive connection is served by one thread"
+    threads = [next(iter(c)) for c in connections.values()]
+    assert len(set(threads)) == len(connections), "two connections share a thread"
+
+    def context(call):
+        (request,) = [r for r in truth.requests if r.tid == call.tid and r.start <= call.start <= r.end]
+        return (servers[request][1].trace_id, servers[request][1].span_id) if request in servers else None
+
+    functions = [(r, s) for r, s in received if r.get("process.pid") == truth.pid and s.kind == s.SPAN_KIND_INTERNAL]
+    check_tree(match(functions, truth, named(*FUNCTIONS)), truth, context)
+    for request, (_, span) in servers.items():
+        in_trace = [s for _, s in functions if s.trace_id == span.trace_id]
+        assert len(in_trace) == sum(c.fn in FUNCTIONS for c in truth.calls_during(request)), request
+        assert all(span.start_time_unix_nano <= s.start_time_unix_nano and s.end_time_unix_nano
+                   <= span.end_time_unix_nano for s in in_trace), f"{request}: calls outside (one clock: exact)"
+
+
+def test_requests_join_the_callers_trace(tracer, receiver):
+    """Two clients at once, each making keep-alive and fresh-connection requests, a 404, one without traceparent
+    and one with tracestate; plus a hand-written HTTP/1.0 request without traceparent whose calls must follow
+    the SERVER span's own trace."""
+    total = 2 * CLIENT_REQUESTS + 1
+    t = tracer(["trace", str(HTTPSERVER), *FUNCTIONS, "--", str(HTTPSERVER), "0", str(total)], **otlp_env(receiver))
+    port = int(t.wait_stdout(r"listening port=(\d+)", timeout=120).group(1))
+    started = [start_client(port, receiver) for _ in range(2)]
+    status, raw_port = raw_get(port, "/work?n=6&via=raw")
+    clients = [client_lines(c) for c in started]
+    assert t.finish() == 0, t.stderr  # httpserver exits after `total` responses
+    truth = parse(t.stdout)
+    lines = [line for c in clients for line in c]
+    assert status == 200 and len(truth.requests) == total and {r.status for r in truth.requests} == {200, 404}
+    assert {line.conn for line in lines} == {0, 1, 2, 3} and any(line.tracestate for line in lines)
+    assert sum(line.traceparent is None for line in lines) == 2
+    functions = sum(c.fn in FUNCTIONS for c in truth.calls)
+    assert f"otel-ebpf: {total + functions} spans exported, 0 lost" in t.stderr, t.stderr
+    expected = len(lines) + total + functions
+    received = receiver.wait_for_spans(expected)
+    assert len(received) == expected
+    assert {r.get("process.pid") for r, _ in received if r["service.name"] != "http-client"} == {truth.pid}
+    check_http(received, truth, clients, port, {"/work?n=6&via=raw": raw_port}, correlated=lambda request: True)
+
+
+@pytest.mark.parametrize("flags", ["01", "00"])
+def test_process_started_with_traceparent_joins_that_trace(tracer, receiver, tmp_path, flags):
+    """The environment carrier: a process started by a traced parent belongs to the parent's trace (all its
+    threads), and under the default parentbased sampler an unsampled parent means no spans at all. TRACESTATE
+    rides along as a parent process would set it; function spans do not carry it (nor remote-parent flags)."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    truth_file = tmp_path / "truth.txt"
+    t = tracer(["trace", str(NESTED), "handle_request", "fib", "--", str(NESTED), "2", "2"],
+               TRACEPARENT=f"00-{trace_id}-{span_id}-{flags}", TRACESTATE="vendor=opaque",
+               NESTED_GROUND_TRUTH=str(truth_file), **otlp_env(receiver))
+    assert t.finish() == 0, t.stderr
+    truth = parse(truth_file.read_text())
+    traced = named("handle_request", "fib")
+    calls = sum(traced(c) for c in truth.calls)
+    expected = calls if flags == "01" else 0
+    assert calls > 0 and f"otel-ebpf: {expected} spans exported, 0 lost" in t.stderr
+    received = receiver.spans()  # complete: the tracer flushes before it exits
+    assert len(received) == expected
+    if expected:
+        assert {span.trace_id.hex() for _, span in received} == {trace_id}
+        matched = match(received, truth, traced)
+        check_tree(matched, truth, lambda call: (bytes.fromhex(trace_id), bytes.fromhex(span_id)))
+
+
+def test_sidecar_correlates_requests_after_the_first_probed_call(tracer, receiver, server):
+    """`run` knows no pid: the kernel starts watching a process's sockets at its first probed call. The request
+    that call serves was read before, so it cannot have a SERVER span and its calls may start a trace of their
+    own; every request read after that call is promised to be correlated. The first request here is the one
+    that makes the first probed call."""
+    t = tracer(["run"], OTEL_EBPF_PROBES=f"{HTTPSERVER}:{','.join(FUNCTIONS)}", **otlp_env(receiver))
+    t.wait_ready(timeout=120)
+    proc, out = server(1 + CLIENT_REQUESTS)
+    port = int(out.wait_for(r"listening port=(\d+)", alive=lambda: proc.poll() is None).group(1))
+    status, raw_port = raw_get(port, "/work?n=2&via=raw")
+    clients = [client_lines(start_client(port, receiver))]
+    assert proc.wait(30) == 0
+    assert t.finish(signal.SIGTERM) == 0, t.stderr  # flushes everything the server's calls and requests made
+    truth = parse(out.text())
+    first_call = min(c.start for c in truth.calls)
+    assert status == 200 and truth.requests[0].query == "n=2&via=raw" and truth.requests[0].start < first_call
+    # Other tests' processes running httpserver meanwhile are traced too (system-wide): only ours count.
+    received = [(r, s) for r, s in receiver.spans()
+                if r["service.name"] == "http-client" or r.get("process.pid") == truth.pid]
+    check_http(received, truth, clients, port, {"/work?n=2&via=raw": raw_port},
+               correlated=lambda request: request.start > first_call)
