@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 
 from otel_ebpf import config, session, symbols
+from otel_ebpf.events import SPAN
 from otel_ebpf.probes import Probe, ProbeSet, Tunables, plan
 
 READY = "stock-sdk: tracing"
@@ -50,8 +51,10 @@ class KernelIds(IdGenerator):
 
 
 def record(events, tracer: trace.Tracer, ids: KernelIds, probes: list[Probe], offset_ns: int) -> None:
-    """One SDK span per kernel event, started and ended with the kernel's timestamps."""
+    """One SDK span per kernel span event, started and ended with the kernel's timestamps."""
     for e in events:
+        if e.kind != SPAN.kind:
+            continue
         ids.trace_id = int.from_bytes(e.trace_id, "big")
         ids.span_id = int.from_bytes(e.span_id, "big")
         context = Context()

@@ -9,6 +9,8 @@ enum event_kind {
 	EVENT_SPAN = 1,
 	EVENT_HTTP_REQUEST = 2,
 	EVENT_HTTP_RESPONSE = 3,
+	EVENT_PROCESS_START = 4,
+	EVENT_PROCESS_EXIT = 5,
 };
 
 /* One finished call of a probed function, emitted by the return probe. */
@@ -23,7 +25,7 @@ struct span_event {
 	__u32 pid;               /* thread group id, as seen in the tracer's PID namespace */
 	__u32 tid;               /* thread id, as seen in the tracer's PID namespace */
 	__u32 depth;             /* nesting depth among probed calls on its thread, 0 = outermost */
-	__u32 pad;
+	__u32 process_seq;       /* which process this pid was (pids are reused): see struct process_event */
 	__u64 goroutine_id;      /* Go: the goroutine's id (runtime.g.goid); 0 for native code */
 };
 
@@ -43,6 +45,8 @@ struct http_request_event {
 	__u32 tid;               /* the thread that read the request */
 	__u32 length;            /* bytes of data that are valid */
 	__u32 sampled;           /* the kernel's sampling decision for this request's trace */
+	__u32 process_seq;
+	__u32 pad;
 	__u8 data[HTTP_REQUEST_CAPTURE];
 };
 
@@ -59,11 +63,23 @@ struct http_response_event {
 	__u8 data[HTTP_RESPONSE_CAPTURE];
 };
 
+/* A process made its first probed call (user space reads its identity from /proc at once: it may be
+ * short-lived), or such a process exited. process_seq is a random number given to the process at its first
+ * probed call, so that a reused pid is not mistaken for its previous owner; 0 marks processes user space
+ * registered itself. */
+struct process_event {
+	__u32 kind;              /* EVENT_PROCESS_START or EVENT_PROCESS_EXIT */
+	__u32 pid;
+	__u32 process_seq;
+	__u32 pad;
+};
+
 /* Never sent: the value type of the `event_layout` map, so user space can check every layout. */
 struct event_layouts {
 	struct span_event span;
 	struct http_request_event http_request;
 	struct http_response_event http_response;
+	struct process_event process;
 };
 
 /* Slots of the `counters` map: things the kernel side could not do, so user space can report them. */
@@ -71,7 +87,7 @@ enum counter {
 	COUNTER_EVENTS_LOST = 0,      /* ring buffer full: a finished call could not be emitted */
 	COUNTER_DEPTH_EXCEEDED = 1,   /* a call nested deeper than MAX_DEPTH: not recorded */
 	COUNTER_UNMATCHED_RETURN = 2, /* a return without its entry (probe attached mid-call, longjmp) */
-	COUNTER_HTTP_LOST = 3,        /* ring buffer full: an HTTP request or response could not be emitted */
+	COUNTER_NOTICES_LOST = 3,     /* ring buffer full: an HTTP or process event could not be emitted */
 	COUNTER_MAX = 4,
 };
 

@@ -28,7 +28,7 @@ static __always_inline void remember_read(int fd, const void *buf)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
-	if (!http_processes.lookup(&tgid))
+	if (!processes.lookup(&tgid))
 		return;
 	struct pending_io io = {.buf = (__u64)buf, .fd = fd};
 	pending_reads.update(&id, &io);
@@ -66,7 +66,7 @@ static __always_inline void on_read(long ret)
 		return;
 	struct http_request_event *event = events.ringbuf_reserve(sizeof(struct http_request_event));
 	if (!event) {
-		count(COUNTER_HTTP_LOST);
+		count(COUNTER_NOTICES_LOST);
 		return;
 	}
 	struct request_context request = {.span_id = random_id(), .thread = id};
@@ -93,6 +93,10 @@ static __always_inline void on_read(long ret)
 	event->tid = ns.pid;
 	event->length = length;
 	event->sampled = request.sampled;
+	__u32 tgid = id >> 32;
+	__u32 *seq = processes.lookup(&tgid);
+	event->process_seq = seq ? *seq : 0;
+	event->pad = 0;
 	events.ringbuf_submit(event, 0);
 	requests.update(&conn, &request);
 	thread_requests.update(&id, &request);
@@ -125,7 +129,7 @@ static __always_inline void finish_request(int fd, const void *buf, long length)
 		event->length = n;
 		events.ringbuf_submit(event, 0);
 	} else {
-		count(COUNTER_HTTP_LOST);
+		count(COUNTER_NOTICES_LOST);
 	}
 	thread_requests.delete(&request->thread);
 	requests.delete(&conn);
@@ -154,7 +158,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { on_write(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	if (http_processes.lookup(&tgid))
+	if (processes.lookup(&tgid))
 		finish_request(args->fd, NULL, 0);
 	return 0;
 }

@@ -19,6 +19,8 @@ struct call_stack {
 	__u64 trace_id[2];       /* trace of the outermost call in flight */
 	__u64 root_parent;       /* span the outermost call is a child of: the HTTP request served, or 0 */
 	__u64 goroutine_id;      /* Go: runtime.g.goid of the goroutine, read at its outermost call */
+	__u32 process_seq;       /* of the process, read at the outermost call */
+	__u32 pad;
 	struct frame frames[MAX_DEPTH];
 };
 
@@ -38,6 +40,11 @@ BPF_TABLE("lru_hash", struct stack_key, struct call_stack, call_stacks, MAX_THRE
 
 /* A zeroed call_stack to initialise new threads from: it is too large for the BPF stack. Never written. */
 BPF_PERCPU_ARRAY(empty_stack, struct call_stack, 1);
+
+/* Processes that made probed calls, by kernel tgid, with their process_seq (see struct process_event).
+ * Filled by a process's first probed call and by user space for the processes it starts or is given;
+ * emptied when they exit. With HTTP tracing, their sockets are the ones watched. */
+BPF_HASH(processes, __u32, __u32, 65536);
 
 /* Per-CPU counts indexed by enum counter; user space sums the CPUs. */
 BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
@@ -69,10 +76,6 @@ struct pending_io {
 };
 BPF_HASH(pending_reads, __u64, struct pending_io, MAX_THREADS);
 BPF_HASH(pending_writes, __u64, struct pending_io, MAX_THREADS);
-
-/* Processes whose sockets are watched for HTTP requests, by kernel tgid. Filled by the first probed
- * call of a process and by user space for the processes it knows. */
-BPF_HASH(http_processes, __u32, __u8, 65536);
 
 struct connection_key {
 	__u32 tgid;

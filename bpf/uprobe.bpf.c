@@ -119,15 +119,40 @@ static __always_inline struct request_context *current_request(void)
 {
 #ifdef HTTP_TRACING
 	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tgid = id >> 32;
-	if (!http_processes.lookup(&tgid)) {
-		__u8 yes = 1;
-		http_processes.update(&tgid, &yes); /* a process with probed calls: watch its sockets too */
-	}
 	return thread_requests.lookup(&id);
 #else
 	return NULL;
 #endif
+}
+
+static __always_inline void emit_process_event(__u32 kind, __u32 process_seq)
+{
+	struct bpf_pidns_info ns = {};
+	if (visible_ids(&ns))
+		return;
+	struct process_event *event = events.ringbuf_reserve(sizeof(struct process_event));
+	if (!event) {
+		count(COUNTER_NOTICES_LOST);
+		return;
+	}
+	event->kind = kind;
+	event->pid = ns.tgid;
+	event->process_seq = process_seq;
+	event->pad = 0;
+	events.ringbuf_submit(event, 0); /* wake user space: a short-lived process must be looked at now */
+}
+
+/* The process_seq of the current process, announcing the process to user space on its first call. */
+static __always_inline __u32 process_seq(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 *known = processes.lookup(&tgid);
+	if (known)
+		return *known;
+	__u32 seq = bpf_get_prandom_u32() | 1; /* random: no shared counter to contend for; 0 is user space's */
+	processes.update(&tgid, &seq);
+	emit_process_event(EVENT_PROCESS_START, seq);
+	return seq;
 }
 
 /* goid_offset: where runtime.g keeps goid in this binary (from its DWARF), 0 when unknown or native. */
@@ -154,7 +179,8 @@ static __always_inline int on_entry(__u32 probe_id, struct stack_key key, __u32 
 		return 0;
 	}
 	if (depth == 0) {
-		struct request_context *request = current_request();
+		/* Goroutines are not tied to the thread that read a request: Go calls are not linked to one. */
+		struct request_context *request = key.goroutine ? NULL : current_request();
 		if (request) {
 			stack->trace_id[0] = request->trace_id[0];
 			stack->trace_id[1] = request->trace_id[1];
@@ -166,6 +192,7 @@ static __always_inline int on_entry(__u32 probe_id, struct stack_key key, __u32 
 			stack->root_parent = 0;
 			stack->sampled = sample_root(stack->trace_id[1]);
 		}
+		stack->process_seq = process_seq();
 		stack->goroutine_id = 0;
 		if (goid_offset)
 			bpf_probe_read_user(&stack->goroutine_id, sizeof(__u64), (void *)(key.goroutine + goid_offset));
@@ -233,6 +260,7 @@ static __always_inline int on_return(__u32 probe_id, struct stack_key key)
 	event->tid = ns.pid;
 	event->probe_id = probe_id;
 	event->depth = depth;
+	event->process_seq = stack->process_seq;
 	event->goroutine_id = stack->goroutine_id;
 	/* No wake-up: the consumer polls on a short timer. A wake-up per event (or per batch, counted per CPU)
 	 * costs the traced call more than the whole ring buffer write. */
@@ -252,7 +280,8 @@ static __always_inline int on_return(__u32 probe_id, struct stack_key key)
 	int probe_return_##n(struct pt_regs *ctx) { return on_return(n, goroutine_key(ctx)); }
 
 /* A thread that exits inside probed calls never returns from them: forget its stack (and, with HTTP
- * tracing, its request and pending syscalls) now rather than when the LRU gets round to it. Goroutine
+ * tracing, its request and pending syscalls) now rather than when the LRU gets round to it; tell user
+ * space when a traced process ends. Goroutine
  * stacks of an exiting Go process are left to the LRU: they cannot be enumerated here. */
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
@@ -263,8 +292,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	thread_requests.delete(&id);
 	pending_reads.delete(&id);
 	pending_writes.delete(&id);
-	if (key.tgid == key.tid)
-		http_processes.delete(&key.tgid);
 #endif
+	__u32 *seq = key.tgid == key.tid ? processes.lookup(&key.tgid) : NULL;
+	if (seq) {
+		emit_process_event(EVENT_PROCESS_EXIT, *seq);
+		processes.delete(&key.tgid);
+	}
 	return 0;
 }

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from otel_ebpf import __version__, config, symbols
 from otel_ebpf.errors import UserError
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a program killed by SIGPIPE, as in `otel-ebpf symbols ... | head`
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(text: str) -> str:
+    """Messages quote paths and names as given, and a file name may contain a newline."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             return _list_symbols(args.binary, args.pattern)
         return _trace(args, command_argv)
     except UserError as err:
-        print(f"otel-ebpf: error: {err}", file=sys.stderr)
+        print(f"otel-ebpf: error: {_one_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away; without this, flushing stdout at exit would fail again, with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130

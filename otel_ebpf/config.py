@@ -62,6 +62,15 @@ OTEL_EBPF_MIN_DURATION = "OTEL_EBPF_MIN_DURATION"
 OTEL_EBPF_HTTP = "OTEL_EBPF_HTTP"
 """Whether HTTP/1.x requests to traced processes become SERVER spans that parent their probed calls."""
 
+OTEL_EBPF_RETRY_QUEUE_SIZE = "OTEL_EBPF_RETRY_QUEUE_SIZE"
+"""Bytes of encoded spans kept in memory for a failing backend (suffix K or M allowed); the oldest go first."""
+
+OTEL_EBPF_SPOOL_DIR = "OTEL_EBPF_SPOOL_DIR"
+"""Directory that holds the retry queue instead of memory, so spans survive a restart."""
+
+OTEL_EBPF_SPOOL_SIZE = "OTEL_EBPF_SPOOL_SIZE"
+"""Bytes of spans OTEL_EBPF_SPOOL_DIR may hold (suffix K or M allowed); the oldest go first."""
+
 SIGNALS = ("traces", "metrics")
 """The OTLP signals exported; each has its own OTEL_EXPORTER_OTLP_{SIGNAL}_* variables."""
 
@@ -340,6 +349,9 @@ class Settings(BaseModel):
     ring_buffer_size: Annotated[int, AfterValidator(_power_of_two)] = 8 << 20
     min_duration_ns: Annotated[int, Field(ge=0)] = 0
     http: bool = True
+    retry_queue_size: Annotated[int, Field(ge=0)] = 64 << 20
+    spool_dir: str | None = None
+    spool_size: Annotated[int, Field(gt=0)] = 256 << 20
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> "Settings":
@@ -424,7 +436,8 @@ _VARS = (
     _Var("bsp_max_queue_size", (OTEL_BSP_MAX_QUEUE_SIZE,), "2048",
          "Most spans waiting for export in the sidecar; more wait in the kernel's ring buffer."),
     _Var("bsp_export_timeout_s", (OTEL_BSP_EXPORT_TIMEOUT,), "30000",
-         "Longest a batch export may take, ms.", _milliseconds),
+         "Longest a batch export may take, ms; at exit, also how long queued spans may take to be delivered.",
+         _milliseconds),
     _Var("metric_export_interval_s", (OTEL_METRIC_EXPORT_INTERVAL,), "60000",
          "Delay between two metric exports, ms.", _milliseconds),
     _Var("metric_export_timeout_s", (OTEL_METRIC_EXPORT_TIMEOUT,), "30000",
@@ -441,6 +454,14 @@ _VARS = (
     _Var("http", (OTEL_EBPF_HTTP,), "true",
          "true: HTTP/1.x requests to traced processes become SERVER spans, parents of the probed calls "
          "that serve them (joining the caller's trace through its traceparent header).", _boolean),
+    _Var("retry_queue_size", (OTEL_EBPF_RETRY_QUEUE_SIZE,), "64M",
+         "Encoded spans kept in memory while the backend fails, bytes (K/M suffix); past it the oldest are "
+         "dropped. 0: a failed batch is dropped.", _byte_size),
+    _Var("spool_dir", (OTEL_EBPF_SPOOL_DIR,), None,
+         "Keep the retry queue in this directory instead of memory, one file per batch, so that spans not yet "
+         "delivered at exit are sent by the next run. Created if missing; one otel-ebpf per directory."),
+    _Var("spool_size", (OTEL_EBPF_SPOOL_SIZE,), "256M",
+         "Most bytes of spans in OTEL_EBPF_SPOOL_DIR (K/M suffix); past it the oldest are dropped.", _byte_size),
 )
 
 

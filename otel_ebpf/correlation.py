@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from otel_ebpf import http
-from otel_ebpf.events import HTTP_REQUEST, HTTP_RESPONSE, SPAN, HttpRequestEvent
+from otel_ebpf.events import HTTP_REQUEST, HTTP_RESPONSE, PROCESS_START, SPAN, HttpRequestEvent
 from otel_ebpf.spans import NO_PARENT, SpanEncoder
 
 # Requests whose decisions are remembered: far more than can be in flight, or waiting for export.
@@ -27,6 +27,7 @@ class ServerSpan:
     """A finished HTTP request, ready to encode."""
 
     pid: int
+    process_seq: int
     tid: int
     trace_id: bytes
     span_id: bytes
@@ -71,11 +72,13 @@ class Correlator:
                 request = self._requests.pop(event.span_id, None)
                 if request is not None and request.keep and request.request is not None:
                     out.append(self._server_span(request, event))
+            elif event.kind == PROCESS_START.kind:
+                self._encoder.process(event.pid, event.process_seq)  # now: it may not live long
         return out
 
     def _place(self, span):
         """The span as it should be exported, or None when its trace is not sampled."""
-        info = self._encoder.process(span.pid, span.probe_id)
+        info = self._encoder.process(span.pid, span.process_seq, span.probe_id)
         request = self._traces.get(span.trace_id)
         if request is not None:
             if not request.keep:
@@ -90,7 +93,7 @@ class Correlator:
         return span._replace(trace_id=parent.trace_id, parent_span_id=parent.span_id if root else span.parent_span_id)
 
     def _start(self, event: HttpRequestEvent) -> None:
-        self._encoder.process(event.pid)
+        self._encoder.process(event.pid, event.process_seq)
         request = http.parse_request(event.data[:event.length])
         parent = request.parent if request else None
         if not event.sampled:
@@ -111,7 +114,7 @@ class Correlator:
         local, peer = tracked.addresses or (None, None)
         attributes = http.server_span_attributes(request, status, local, peer)
         trace_id = tracked.parent.trace_id if tracked.parent else event.trace_id
-        return ServerSpan(event.pid, event.tid, trace_id, event.span_id, tracked.parent, event.start_ns,
+        return ServerSpan(event.pid, event.process_seq, event.tid, trace_id, event.span_id, tracked.parent, event.start_ns,
                           response.end_ns, http.server_span_name(request), attributes)
 
     def _addresses(self, pid: int, fd: int):

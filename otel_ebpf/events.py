@@ -17,22 +17,25 @@ from otel_ebpf.errors import UserError
 # Mirrors of the structs in bpf/event.h: (field, struct format) in declaration order.
 SPAN_FIELDS = (
     ("kind", "I"), ("probe_id", "I"), ("start_ns", "Q"), ("end_ns", "Q"), ("trace_id", "16s"),
-    ("span_id", "8s"), ("parent_span_id", "8s"), ("pid", "I"), ("tid", "I"), ("depth", "I"), ("pad", "I"),
-    ("goroutine_id", "Q"),
+    ("span_id", "8s"), ("parent_span_id", "8s"), ("pid", "I"), ("tid", "I"), ("depth", "I"),
+    ("process_seq", "I"), ("goroutine_id", "Q"),
 )
 HTTP_REQUEST_CAPTURE = 1024
 HTTP_RESPONSE_CAPTURE = 32
 HTTP_REQUEST_FIELDS = (
     ("kind", "I"), ("fd", "I"), ("start_ns", "Q"), ("trace_id", "16s"), ("span_id", "8s"), ("pid", "I"),
-    ("tid", "I"), ("length", "I"), ("sampled", "I"), ("data", f"{HTTP_REQUEST_CAPTURE}s"),
+    ("tid", "I"), ("length", "I"), ("sampled", "I"), ("process_seq", "I"), ("pad", "I"),
+    ("data", f"{HTTP_REQUEST_CAPTURE}s"),
 )
 HTTP_RESPONSE_FIELDS = (
     ("kind", "I"), ("fd", "I"), ("end_ns", "Q"), ("span_id", "8s"), ("pid", "I"), ("tid", "I"),
     ("length", "I"), ("pad", "I"), ("data", f"{HTTP_RESPONSE_CAPTURE}s"),
 )
 
+PROCESS_FIELDS = (("kind", "I"), ("pid", "I"), ("process_seq", "I"), ("pad", "I"))
+
 # Slots of the kernel's `counters` map (enum counter in bpf/event.h).
-COUNTERS = ("events_lost", "depth_exceeded", "unmatched_return", "http_lost")
+COUNTERS = ("events_lost", "depth_exceeded", "unmatched_return", "notices_lost")
 
 
 class SpanEvent(NamedTuple):
@@ -48,7 +51,7 @@ class SpanEvent(NamedTuple):
     pid: int
     tid: int
     depth: int
-    pad: int
+    process_seq: int
     goroutine_id: int
 
 
@@ -62,6 +65,8 @@ class HttpRequestEvent(NamedTuple):
     tid: int
     length: int
     sampled: int
+    process_seq: int
+    pad: int
     data: bytes
 
 
@@ -75,6 +80,13 @@ class HttpResponseEvent(NamedTuple):
     length: int
     pad: int
     data: bytes
+
+
+class ProcessEvent(NamedTuple):
+    kind: int
+    pid: int
+    process_seq: int
+    pad: int
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,9 @@ class EventType:
 SPAN = EventType(1, "span", SPAN_FIELDS, SpanEvent)
 HTTP_REQUEST = EventType(2, "http_request", HTTP_REQUEST_FIELDS, HttpRequestEvent)
 HTTP_RESPONSE = EventType(3, "http_response", HTTP_RESPONSE_FIELDS, HttpResponseEvent)
-EVENT_TYPES = (SPAN, HTTP_REQUEST, HTTP_RESPONSE)
+PROCESS_START = EventType(4, "process", PROCESS_FIELDS, ProcessEvent)
+PROCESS_EXIT = EventType(5, "process", PROCESS_FIELDS, ProcessEvent)
+EVENT_TYPES = (SPAN, HTTP_REQUEST, HTTP_RESPONSE, PROCESS_START, PROCESS_EXIT)
 
 
 def check_layout(event_type: EventType, offsets: dict[str, tuple[int, int]], total_size: int) -> None:

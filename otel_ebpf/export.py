@@ -9,6 +9,9 @@ Retry rules follow the OTLP specification: HTTP 429/502/503/504 and connection f
 other HTTP errors are not; gRPC retries CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE,
 UNAVAILABLE, DATA_LOSS, and RESOURCE_EXHAUSTED only when the server sent RetryInfo. Server hints
 (Retry-After, RetryInfo) are honoured; otherwise backoff is exponential with jitter.
+
+Spans survive a backend outage in a RetryQueue of encoded requests (in memory, or spooled to files that a
+restarted sidecar sends); RetryingExporter puts a transport behind one.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from __future__ import annotations
 import abc
 import collections
 import email.utils
+import fcntl
 import functools
 import gzip
 import logging
+import os
 import random
 import re
 import sys
@@ -36,7 +41,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from otel_ebpf import __version__
-from otel_ebpf.config import OtlpSettings
+from otel_ebpf.config import OTEL_EBPF_RETRY_QUEUE_SIZE, OTEL_EBPF_SPOOL_DIR, OTEL_EBPF_SPOOL_SIZE, OtlpSettings, Settings
 from otel_ebpf.errors import UserError
 
 logger = logging.getLogger("otel_ebpf.export")
@@ -78,8 +83,8 @@ class ExportError(Exception):
     """A batch could not be delivered, after any retries; the message is one short line."""
 
 
-class _Retryable(Exception):
-    """One attempt failed in a way the spec says to retry; ``after_s`` is the server's hint."""
+class RetryableError(ExportError):
+    """One attempt failed in a way the spec says to retry; ``after_s`` is the server's hint, if it gave one."""
 
     def __init__(self, reason: str, after_s: float | None = None):
         super().__init__(reason)
@@ -109,6 +114,7 @@ class _Transport(abc.ABC):
         Returns how many spans or data points the server rejected as a partial success (0 normally);
         these are not retried, as the spec requires. Raises ExportError when delivery is impossible.
         """
+        body = self._body(payload)
         backoff = self._backoff_s
         while True:
             if self._closed.is_set():
@@ -117,8 +123,8 @@ class _Transport(abc.ABC):
             if timeout <= 0:
                 raise ExportError(f"{self.endpoint}: export deadline passed")
             try:
-                response = self._attempt(payload, timeout)
-            except _Retryable as failure:
+                response = self._attempt(body, timeout)
+            except RetryableError as failure:
                 wait = max(failure.after_s or 0.0, backoff * random.uniform(0.8, 1.2))
                 if time.monotonic() + wait >= deadline:
                     raise ExportError(f"{self.endpoint}: {failure} (retries exhausted by the export deadline)") from None
@@ -128,6 +134,20 @@ class _Transport(abc.ABC):
                 continue
             return self._note_partial_success(response)
 
+    def send_once(self, payload: bytes, deadline: float) -> int:
+        """One request, no retry, for a caller that keeps its own retry schedule (RetryingExporter).
+
+        Returns as send() does; raises RetryableError (carrying the server's delay hint) or ExportError.
+        """
+        timeout = min(self._timeout_s, deadline - time.monotonic())
+        if timeout <= 0:
+            raise RetryableError(f"{self.endpoint}: export deadline passed")
+        try:
+            response = self._attempt(self._body(payload), timeout)
+        except RetryableError as failure:
+            raise RetryableError(f"{self.endpoint}: {failure}", failure.after_s) from None
+        return self._note_partial_success(response)
+
     def export(self, batch: Batch, deadline: float) -> int:
         """Sink interface: send the batch's encoded bytes."""
         return self.send(batch.payload, deadline)
@@ -136,9 +156,13 @@ class _Transport(abc.ABC):
         """Stop any retry wait in progress and release connections."""
         self._closed.set()
 
+    def _body(self, payload: bytes) -> bytes:
+        """The payload as sent; compressed once per send, not per attempt, where the transport compresses."""
+        return payload
+
     @abc.abstractmethod
-    def _attempt(self, payload: bytes, timeout_s: float) -> Message:
-        """One request: return the response, raise _Retryable or ExportError."""
+    def _attempt(self, body: bytes, timeout_s: float) -> Message:
+        """One request: return the response, raise RetryableError or ExportError."""
 
     def _note_partial_success(self, response: Message) -> int:
         rejected = getattr(response.partial_success, self._signal.rejected_field)
@@ -182,9 +206,8 @@ class HttpTransport(_Transport):
         self._verify = certificate or True
         self._cert = (client_certificate, client_key) if client_certificate and client_key else client_certificate
 
-    def send(self, payload: bytes, deadline: float) -> int:
-        """As _Transport.send; the body is compressed once, not per attempt."""
-        return super().send(gzip.compress(payload) if self._gzip else payload, deadline)
+    def _body(self, payload: bytes) -> bytes:
+        return gzip.compress(payload) if self._gzip else payload
 
     def _attempt(self, body: bytes, timeout_s: float) -> Message:
         try:
@@ -194,9 +217,9 @@ class HttpTransport(_Transport):
         except requests.exceptions.SSLError as exc:
             raise ExportError(f"{self.endpoint}: TLS error: {_short_reason(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retryable(_short_reason(exc)) from None
+            raise RetryableError(_short_reason(exc)) from None
         if response.status_code in _RETRYABLE_HTTP:
-            raise _Retryable(f"HTTP {response.status_code}", _parse_retry_after(response.headers.get("Retry-After")))
+            raise RetryableError(f"HTTP {response.status_code}", _parse_retry_after(response.headers.get("Retry-After")))
         if not response.ok:
             raise ExportError(f"{self.endpoint}: HTTP {response.status_code} {_status_message(response.content)}".rstrip())
         try:
@@ -231,10 +254,11 @@ class GrpcTransport(_Transport):
         target, use_tls = _grpc_target(endpoint, insecure)
         options = [
             ("grpc.primary_user_agent", USER_AGENT),
-            # A local collector restarting should be reached again within seconds, not after
-            # gRPC's default reconnect backoff of up to two minutes.
+            # A collector restarting should be reached again within seconds, not after gRPC's default
+            # reconnect backoff of up to two minutes: until the channel reconnects, every call fails at once,
+            # so this delay adds to RetryingExporter's own backoff.
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 5000),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         compression_algorithm = grpc.Compression.Gzip if self._gzip else grpc.Compression.NoCompression
         if use_tls:
@@ -260,7 +284,7 @@ class GrpcTransport(_Transport):
             reason = f"gRPC {code.name}: {exc.details()}"
             retry_delay = _grpc_retry_delay(exc.trailing_metadata())
             if code in _RETRYABLE_GRPC or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_delay is not None):
-                raise _Retryable(reason, retry_delay) from None
+                raise RetryableError(reason, retry_delay) from None
             raise ExportError(f"{self.endpoint}: {reason}") from None
 
     def close(self) -> None:
@@ -466,11 +490,343 @@ class FailureReport:
             self._batches = self._failed_items = self._total_batches = 0
 
 
+# ----- surviving backend outages
+
+
+@dataclass
+class _Payload:
+    """One encoded export request in a RetryQueue: ``data`` in memory, or only in the spool file ``path``."""
+
+    spans: int
+    size: int
+    data: bytes | None = None
+    path: str | None = None
+
+
+_SPOOL_FILE = re.compile(r"(\d+)-(\d+)\.binpb")  # sequence number, spans in it
+
+
+class RetryQueue:
+    """Encoded export requests waiting for a backend that failed, oldest first, at most ``max_bytes`` of them:
+    past that the oldest are dropped, since the newest say more about the present.
+
+    With ``directory`` the queue is a spool like the Collector's persistent queue: one file per request, written
+    under a temporary name and then renamed (so a file is always whole), deleted once delivered; the next run
+    finds them and sends them first. Not thread-safe: RetryingExporter holds its lock around every call.
+    """
+
+    def __init__(self, max_bytes: int, directory: str | None = None):
+        self.max_bytes = max_bytes
+        self.directory = directory
+        self.bytes = self.spans = 0
+        self._entries: collections.deque[_Payload] = collections.deque()
+        self._next_sequence = 0
+        self._lock_file = None
+        if directory is not None:
+            self._open_spool(directory)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bound_setting(self) -> str:
+        """The variable that sets ``max_bytes``, for messages."""
+        return OTEL_EBPF_SPOOL_SIZE if self.directory else OTEL_EBPF_RETRY_QUEUE_SIZE
+
+    def push(self, data: bytes, spans: int) -> int:
+        """Queue a request last; returns the spans dropped to stay within the bound (maybe this request's).
+
+        Raises OSError when the spool file cannot be written; the request is not queued then.
+        """
+        payload = _Payload(spans, len(data), data)
+        if self.directory is not None:
+            payload = self._write(payload)
+        self._append(payload, left=False)
+        return self._trim()
+
+    def take(self) -> _Payload | None:
+        """The oldest request, out of the queue (and of the bound) while it is being sent: give it back with
+        put_back() or finish it with done(). Its data is None if its spool file cannot be read."""
+        if not self._entries:
+            return None
+        payload = self._entries.popleft()
+        self.bytes -= payload.size
+        self.spans -= payload.spans
+        if payload.path is not None:
+            try:
+                with open(payload.path, "rb") as f:
+                    payload.data = f.read()
+            except OSError:  # removed or damaged by someone else: data stays None, the caller drops it
+                pass
+        return payload
+
+    def put_back(self, payload: _Payload) -> int:
+        """Return an undelivered request to the front; returns the spans dropped to stay within the bound."""
+        if payload.path is not None:
+            payload.data = None
+        self._append(payload, left=True)
+        return self._trim()
+
+    def done(self, payload: _Payload) -> None:
+        """Forget a request that was delivered or refused."""
+        if payload.path is not None:
+            _remove(payload.path)
+
+    def close(self) -> None:
+        """Let another process use the spool directory; queued files stay for it."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _append(self, payload: _Payload, left: bool) -> None:
+        (self._entries.appendleft if left else self._entries.append)(payload)
+        self.bytes += payload.size
+        self.spans += payload.spans
+
+    def _trim(self) -> int:
+        dropped = 0
+        while self.bytes > self.max_bytes:
+            oldest = self._entries.popleft()
+            self.bytes -= oldest.size
+            self.spans -= oldest.spans
+            self.done(oldest)
+            dropped += oldest.spans
+        return dropped
+
+    def _open_spool(self, directory: str) -> None:
+        """Lock the directory (two writers would delete each other's files) and queue the files found there."""
+        setting = f"{OTEL_EBPF_SPOOL_DIR}={directory!r}"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._lock_file = open(os.path.join(directory, ".lock"), "a")
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            names = os.listdir(directory)
+        except BlockingIOError:
+            raise UserError(f"{setting} is in use by another otel-ebpf", "give each otel-ebpf its own spool directory") from None
+        except OSError as exc:
+            raise UserError(f"{setting} cannot be used: {exc.strerror}",
+                            f"make {OTEL_EBPF_SPOOL_DIR} a directory otel-ebpf can create and write") from None
+        found = []
+        for name in names:
+            path = os.path.join(directory, name)
+            if name.endswith(".tmp"):  # a write interrupted by a crash: never complete, never renamed
+                _remove(path)
+            elif match := _SPOOL_FILE.fullmatch(name):
+                found.append((int(match[1]), int(match[2]), path))
+        for sequence, spans, path in sorted(found):
+            self._append(_Payload(spans, os.path.getsize(path), path=path), left=False)
+            self._next_sequence = sequence + 1
+
+    def _write(self, payload: _Payload) -> _Payload:
+        path = os.path.join(self.directory, f"{self._next_sequence:020d}-{payload.spans}.binpb")
+        self._next_sequence += 1
+        try:
+            with open(f"{path}.tmp", "wb") as f:
+                f.write(payload.data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(f"{path}.tmp", path)
+        except OSError:
+            _remove(f"{path}.tmp")
+            raise
+        return _Payload(payload.spans, payload.size, path=path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class RetryingExporter:
+    """The OTLP sink for spans: a transport behind a RetryQueue, counting what it delivers and what it loses.
+
+    While nothing waits in the queue, the export thread sends a batch at once, in one attempt, so a slow backend
+    slows the drain loop and events wait in the kernel's ring buffer. A failure worth retrying queues that batch,
+    and every later one then goes straight to the queue without an attempt, so the drain loop keeps emptying the
+    ring buffer through an outage. One thread sends the queue oldest first, probing the backend with exponential
+    backoff, capped low so that a backend that is back is noticed within seconds; once the queue is empty,
+    batches are sent at once again. A request the backend refuses (HTTP 400...) is dropped alone.
+    """
+
+    def __init__(self, transport: _Transport, queue: RetryQueue, backoff_s: float = 1.0, max_backoff_s: float = 5.0,
+                 report_interval_s: float = 30.0):
+        self._transport = transport
+        self._queue = queue
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._report_interval_s = report_interval_s
+        self._refusals = FailureReport(report_interval_s)
+        self._outage_start: float | None = None
+        self._last_report = 0.0
+        self._counts = collections.Counter(exported=0, rejected=0, failed=0, dropped_retry=0, unsent=0, spooled=0)
+        self._cond = threading.Condition()  # guards everything above; notified when the queue gets a request
+        self._sending: _Payload | None = None  # taken from the queue by the retry thread
+        self._stop_deadline: float | None = None
+        self._closed = False
+        self._wake = threading.Event()  # cuts a backoff wait short at shutdown
+        self._thread = threading.Thread(target=self._run, name="otel-ebpf-retry", daemon=True)
+        self._thread.start()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Spans exported (rejected: of those, refused as partial success), failed (refused whole), dropped_retry
+        (oldest dropped from the full queue), unsent (queued in memory at shutdown), spooled (left in the spool)."""
+        with self._cond:
+            return dict(self._counts)
+
+    @property
+    def waiting(self) -> int:
+        """Spans in the queue, such as those an earlier run left in the spool."""
+        with self._cond:
+            return self._waiting()
+
+    def export(self, batch: Batch, deadline: float) -> None:
+        spans = len(batch.items)
+        try:
+            data = batch.payload
+        except Exception as exc:  # an encoder bug loses this batch, not the export thread
+            logger.debug("encoding a batch raised", exc_info=True)
+            return self._refused(spans, f"encoding failed: {type(exc).__name__}: {exc}")
+        with self._cond:
+            if self._queue or self._sending is not None:
+                return self._enqueue(data, spans)
+        try:
+            rejected = self._transport.send_once(data, deadline)
+        except RetryableError as exc:
+            with self._cond:
+                self._note_failure(str(exc))
+                return self._enqueue(data, spans)
+        except ExportError as exc:
+            return self._refused(spans, str(exc))
+        self._delivered(spans, rejected)
+
+    def close(self, deadline: float | None = None) -> None:
+        """Send what waits until ``deadline`` (default: now), then stop; later calls do nothing.
+
+        What is still queued then stays in the spool for the next run, or is counted as unsent.
+        """
+        with self._cond:
+            if self._stop_deadline is not None:
+                return
+            self._stop_deadline = time.monotonic() if deadline is None else deadline
+            self._cond.notify()
+        self._wake.set()
+        # An attempt ends by the deadline (its timeout is cut to it); the slack covers the last bookkeeping.
+        self._thread.join(max(0.0, self._stop_deadline - time.monotonic()) + 1.0)
+        self._transport.close()
+        with self._cond:
+            self._counts["spooled" if self._queue.directory else "unsent"] += self._waiting()
+            self._queue.close()
+            self._closed = True
+
+    def _run(self) -> None:
+        backoff = self._backoff_s
+        while True:
+            with self._cond:
+                while not self._queue and self._stop_deadline is None:
+                    self._cond.wait()
+                if not self._queue or (self._stop_deadline is not None and time.monotonic() >= self._stop_deadline):
+                    return
+                payload = self._sending = self._queue.take()
+            try:
+                if payload.data is None:
+                    raise ExportError(f"cannot read {payload.path}")
+                rejected = self._transport.send_once(payload.data, self._stop_deadline or float("inf"))
+            except RetryableError as exc:
+                with self._cond:
+                    self._note_failure(str(exc))
+                    self._sending = None
+                    self._counts["dropped_retry"] += self._queue.put_back(payload)
+                    if self._stop_deadline is not None and self._queue.directory:
+                        return  # at shutdown, what the spool holds is safe: no point waiting for the backend
+                    wait = max(exc.after_s or 0.0, backoff * random.uniform(0.8, 1.2))
+                    if self._stop_deadline is not None:
+                        wait = min(wait, self._stop_deadline - time.monotonic())
+                self._wake.wait(max(0.0, wait))
+                self._wake.clear()
+                backoff = min(backoff * 2, self._max_backoff_s)
+                continue
+            except ExportError as exc:
+                self._refused(payload.spans, str(exc))
+            else:
+                self._delivered(payload.spans, rejected)
+            with self._cond:
+                self._queue.done(payload)
+                self._sending = None
+            backoff = self._backoff_s
+
+    def _waiting(self) -> int:
+        """Spans queued or being sent; the caller holds the lock."""
+        return self._queue.spans + (self._sending.spans if self._sending is not None else 0)
+
+    def _enqueue(self, data: bytes, spans: int) -> None:
+        """Queue a request and wake the retry thread; the caller holds the lock."""
+        if self._closed:  # an attempt that outlasted the shutdown deadline: too late for the queue
+            self._counts["unsent"] += spans
+            return
+        try:
+            self._counts["dropped_retry"] += self._queue.push(data, spans)
+        except OSError as exc:  # e.g. the spool's disk is full
+            self._counts["failed"] += spans
+            self._refusals.failed(spans, f"cannot write to {OTEL_EBPF_SPOOL_DIR}: {exc.strerror}")
+        self._cond.notify()
+
+    def _note_failure(self, reason: str) -> None:
+        """The first line of an outage, then a summary every report interval; the caller holds the lock."""
+        now = time.monotonic()
+        if self._outage_start is None:
+            self._outage_start = self._last_report = now
+            logger.warning("span export failed: %s; retrying with backoff, spans wait in the retry queue (%s) "
+                           "meanwhile (repeats are summarised every %gs)",
+                           reason, self._describe_queue(), self._report_interval_s)
+        elif now - self._last_report >= self._report_interval_s:
+            self._last_report = now
+            logger.warning("span export failing for %.0fs: %s; %d spans (%d bytes) waiting (%s), %d dropped so far",
+                           now - self._outage_start, reason, self._queue.spans, self._queue.bytes,
+                           self._describe_queue(), self._counts["dropped_retry"])
+
+    def _describe_queue(self) -> str:
+        where = f"in {self._queue.directory}" if self._queue.directory else "in memory"
+        return f"{where}, up to {self._queue.bound_setting}={self._queue.max_bytes} bytes"
+
+    def _delivered(self, spans: int, rejected: int) -> None:
+        with self._cond:
+            self._counts["exported"] += spans
+            self._counts["rejected"] += rejected
+            if self._outage_start is not None:
+                logger.warning("span export recovered after %.1fs; sending the %d waiting spans, oldest first",
+                               time.monotonic() - self._outage_start, self._queue.spans)
+                self._outage_start = None
+        self._refusals.succeeded()
+
+    def _refused(self, spans: int, reason: str) -> None:
+        with self._cond:
+            self._counts["failed"] += spans
+            self._refusals.failed(spans, reason)
+
+
+def span_exporter(settings: Settings) -> RetryingExporter:
+    """The OTLP span sink ``settings`` describe: the transport behind a retry queue, in memory or spooled."""
+    transport = otlp_transport(settings.otlp)
+    if settings.spool_dir is None:
+        queue = RetryQueue(settings.retry_queue_size)
+    else:
+        queue = RetryQueue(settings.spool_size, settings.spool_dir)
+        if queue.spans:
+            logger.warning("%d spans an earlier run left in %s are sent first", queue.spans, settings.spool_dir)
+    return RetryingExporter(transport, queue)
+
+
 class BatchProcessor:
     """Bounded queue between the ring-buffer drain loop (producer, must never block) and one export thread.
 
     The drain loop asks for room() before reading the ring buffer, so a slow exporter leaves events in
-    the kernel's ring buffer (compact, bounded, counted when full) instead of piling up Python objects."""
+    the kernel's ring buffer (compact, bounded, counted when full) instead of piling up Python objects.
+
+    Spans are counted where they can be lost: by the RetryingExporter among the sinks if there is one (the
+    console cannot lose them), else here."""
 
     def __init__(
         self,
@@ -484,6 +840,7 @@ class BatchProcessor:
     ):
         self._encode = encode
         self._sinks = sinks
+        self._exporter = next((sink for sink in sinks if isinstance(sink, RetryingExporter)), None)
         self._max_queue_size = max_queue_size
         self._max_batch_size = max_batch_size
         self._schedule_delay_s = schedule_delay_s
@@ -525,9 +882,11 @@ class BatchProcessor:
         with self._cond:
             if self._stop_deadline is not None:
                 return
-            self._stop_deadline = time.monotonic() + timeout_s
+            deadline = self._stop_deadline = time.monotonic() + timeout_s
             self._cond.notify()
         self._thread.join(timeout_s)
+        if self._exporter is not None:
+            self._exporter.close(deadline)  # what is left of the time goes to the retry queue
         # Closing interrupts a retry still waiting on a dead collector; the thread then ends quickly.
         close_all(self._sinks)
         self._thread.join(1.0)
@@ -539,15 +898,22 @@ class BatchProcessor:
     def stats(self) -> dict[str, int]:
         """Item counts: exported (every sink took them), failed (in a batch some sink failed),
         rejected (refused by a collector as partial success), dropped_full (queue overflow),
-        dropped_shutdown (added after, or still queued at the end of, shutdown)."""
+        dropped_shutdown (added after, or still queued at the end of, shutdown), and those of
+        RetryingExporter.counts (all 0 without one)."""
         with self._cond:
-            return {
+            stats = {
                 "exported": self._exported,
                 "dropped_full": self._dropped_full,
                 "dropped_shutdown": self._dropped_shutdown,
                 "failed": self._failed,
                 "rejected": self._rejected,
+                "dropped_retry": 0,
+                "unsent": 0,
+                "spooled": 0,
             }
+        if self._exporter is not None:
+            stats.update(self._exporter.counts)
+        return stats
 
     def _run(self) -> None:
         while True:

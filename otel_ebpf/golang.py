@@ -36,8 +36,10 @@ itself uses for stack traces (formats of go1.16 and later; runtime/symtab.go's p
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +47,7 @@ import capstone
 from capstone import x86
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 
 from .errors import UserError
 
@@ -60,6 +63,7 @@ _PCLNTAB_GO12 = 0xFFFFFFFB
 _PCLNTAB_SECTIONS = (".gopclntab", ".data.rel.ro.gopclntab")  # the latter in -buildmode=pie
 _BUILDINFO_MAGIC = b"\xff Go buildinf:"
 _BUILDINFO_INLINE_STRINGS = 2  # flags bit set by go1.18+: the strings follow the 32-byte header
+_DWARF_SECTIONS = (".debug_", ".zdebug_", ".eh_frame", ".gnu_debugaltlink")  # what pyelftools' DWARF reader reads
 _GO_MINOR = re.compile(r"go1\.(\d+)")
 _REGISTER_ABI_MINOR = 17
 _ENDBR64 = b"\xf3\x0f\x1e\xfa"
@@ -115,6 +119,9 @@ def goid_offset(binary: str) -> int:
             elf = ELFFile(stream)
             if not elf.has_dwarf_info():
                 return 0
+            # pyelftools reads each DWARF section whole: a damaged size would be MemoryError or OverflowError.
+            if not all(_in_file(elf, s) for s in elf.iter_sections() if s.name.startswith(_DWARF_SECTIONS)):
+                return 0
             for cu in elf.get_dwarf_info().iter_CUs():
                 for die in cu.get_top_DIE().iter_children():
                     if die.tag == "DW_TAG_structure_type" and _die_name(die) == b"runtime.g":
@@ -122,7 +129,10 @@ def goid_offset(binary: str) -> int:
                             if _die_name(member) == b"goid":
                                 return member.attributes["DW_AT_data_member_location"].value
                         return 0
-    except (ELFError, struct.error, ValueError, KeyError, OSError):
+    # Best effort, so any damage means "unknown". Besides its own errors, pyelftools raises zlib.error for
+    # damaged compressed sections, AssertionError for malformed DWARF and OverflowError for a compressed
+    # size (ch_size) too large for zlib.
+    except (ELFError, struct.error, ValueError, KeyError, OSError, zlib.error, AssertionError, OverflowError):
         pass
     return 0
 
@@ -141,7 +151,10 @@ def pclntab_functions(elf: ELFFile) -> list[GoFunction]:
     section = _pclntab_section(elf)
     if section is None:
         return []
-    binary, data = elf.stream.name, section.data()
+    binary, data = elf.stream.name, _go_table(elf, section)
+    if data is None:
+        raise UserError(f"{binary}: the Go function table (.gopclntab) is corrupt (its section header is damaged)",
+                        hint="the binary may be damaged")
     magic = int.from_bytes(data[:4], "little")
     if magic == _PCLNTAB_GO12:
         raise UserError(f"{binary} was built by a Go release older than go1.16 and has no symbol table",
@@ -193,10 +206,8 @@ def _pclntab_section(elf: ELFFile):
 def _buildinfo_version(elf: ELFFile) -> str | None:
     """runtime.buildVersion as recorded in .go.buildinfo (go1.13+), the way debug/buildinfo reads it."""
     section = elf.get_section_by_name(".go.buildinfo")
-    if section is None:
-        return None
-    data = section.data()
-    if not data.startswith(_BUILDINFO_MAGIC) or len(data) < 32:
+    data = _go_table(elf, section) if section is not None else None
+    if data is None or not data.startswith(_BUILDINFO_MAGIC) or len(data) < 32:
         return None
     ptr_size, flags = data[14], data[15]
     if flags & _BUILDINFO_INLINE_STRINGS:
@@ -210,7 +221,8 @@ def _buildinfo_version(elf: ELFFile) -> str | None:
 def _symbol_version(elf: ELFFile) -> str | None:
     """runtime.buildVersion from .symtab: releases older than go1.13 have no .go.buildinfo."""
     symtab = elf.get_section_by_name(".symtab")
-    symbols = symtab.get_symbol_by_name("runtime.buildVersion") if symtab is not None else None
+    # Found by name, so a damaged section type can make it some other kind of section.
+    symbols = symtab.get_symbol_by_name("runtime.buildVersion") if isinstance(symtab, SymbolTableSection) else None
     return _read_go_string(elf, symbols[0]["st_value"]) if symbols else None
 
 
@@ -228,9 +240,35 @@ def _read_virtual(elf: ELFFile, address: int, size: int) -> bytes | None:
     for segment in elf.iter_segments():
         start = segment["p_vaddr"]
         if segment["p_type"] == "PT_LOAD" and start <= address and address + size <= start + segment["p_filesz"]:
-            elf.stream.seek(segment["p_offset"] + address - start)
+            offset = segment["p_offset"] + address - start
+            # Address, size and segment all come from the file: damaged, they could ask for more than it holds.
+            if offset + size > _file_size(elf.stream):
+                return None
+            elf.stream.seek(offset)
             return elf.stream.read(size)
     return None
+
+
+def _go_table(elf: ELFFile, section) -> bytes | None:
+    """The bytes of a Go table (.gopclntab, .go.buildinfo); None when its section header is damaged.
+
+    Checked first because Section.data() reads (or, for SHT_NOBITS, allocates) sh_size bytes unchecked:
+    MemoryError or OverflowError for a huge size. Go never compresses these tables (the runtime reads them
+    in place), so one flagged compressed is damaged too.
+    """
+    if section.compressed or not _in_file(elf, section):
+        return None
+    return section.data()
+
+
+def _in_file(elf: ELFFile, section) -> bool:
+    """Whether the section's stored bytes lie within the file."""
+    return section["sh_offset"] + section["sh_size"] <= _file_size(elf.stream)
+
+
+def _file_size(stream) -> int:
+    # pyelftools seeks before every read, so moving the position here is harmless.
+    return stream.seek(0, os.SEEK_END)
 
 
 def _uvarint(data: bytes, position: int) -> tuple[int, int]:
@@ -276,16 +314,30 @@ def traceable_shape(binary: str, symbol: FunctionSymbol) -> ExitShape:
     if symbol.size <= 0:
         raise UserError(f"cannot trace {name} in {binary}: its size is unknown, so its returns cannot be found",
                         hint="use a build with a symbol table")
-    with open(binary, "rb") as stream:
-        stream.seek(symbol.offset)
-        code = stream.read(symbol.size)
+    code = _file_bytes(binary, symbol.offset, symbol.size)
+    if code is None:
+        raise UserError(f"cannot trace {name} in {binary}: its code is not all in the file",
+                        hint="its symbol size is wrong, or the binary is damaged")
     shape = exit_shape(code, symbol.address)
-    refusal = _refusal(shape) if len(code) == symbol.size else (
-        "its code is not all in the file", "its symbol size is wrong")
+    refusal = _refusal(shape)
     if refusal:
         reason, hint = refusal
         raise UserError(f"cannot trace {name} in {binary}: {reason}", hint=hint)
     return shape
+
+
+def _file_bytes(binary: str, offset: int, size: int) -> bytes | None:
+    """size bytes of binary at offset; None when the file does not hold them all.
+
+    Offset and size come from the binary's own headers: checked first, since seeking to a damaged offset
+    raises ValueError or OSError instead of reading short.
+    """
+    with open(binary, "rb") as stream:
+        if offset + size > os.fstat(stream.fileno()).st_size:
+            return None
+        stream.seek(offset)
+        code = stream.read(size)
+    return code if len(code) == size else None
 
 
 def _refusal(shape: ExitShape) -> tuple[str, str] | None:

@@ -20,7 +20,7 @@ import sys
 from otel_ebpf import events
 from otel_ebpf.errors import UserError
 
-MAPS = ("events", "counters", "latency", "call_stacks")  # always handed over; the request may ask for more
+MAPS = ("events", "counters", "latency", "call_stacks", "processes")  # the maps handed over, in this order
 FDS_PER_MESSAGE = 250  # the kernel accepts at most 253 descriptors per message (SCM_MAX_FD)
 
 
@@ -33,8 +33,37 @@ def _check_event_layouts(bpf) -> None:
         events.check_layout(event_type, offsets, ctypes.sizeof(struct))
 
 
+# enum bpf_probe_attach_type of libbcc
+_ENTRY, _RETURN = 0, 1
+
+
+def _declare_attach_uprobe() -> None:
+    """Debian's bcc 0.26 Python binding declares libbcc's bpf_attach_uprobe without its last parameter,
+    ref_ctr_offset (iovisor/bcc#5236). The C function then reads whatever is in that register, and the
+    kernel increments a "reference counter" at that offset of the binary in every traced process. Declared
+    here in full, and called with 0: no counter."""
+    from bcc.libbcc import lib
+
+    lib.bpf_attach_uprobe.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                      ctypes.c_ulonglong, ctypes.c_int, ctypes.c_uint32]
+
+
+def _attach(bpf, function: str, binary: str, address: int, pid: int, kind: int) -> int:
+    """One uprobe (kind _ENTRY) or uretprobe (_RETURN) at a virtual address; returns its perf event fd."""
+    from bcc import BPF
+    from bcc.libbcc import lib
+
+    program = bpf.load_func(function.encode(), BPF.KPROBE)
+    path, offset = BPF._check_path_symbol(binary.encode(), b"", address, pid)  # address -> file offset
+    name = bpf._get_uprobe_evname(b"r" if kind == _RETURN else b"p", path, offset, pid)
+    fd = lib.bpf_attach_uprobe(program.fd, kind, name, path, offset, pid, 0)
+    if fd < 0:
+        raise OSError(f"bpf_attach_uprobe failed for {binary} at {address:#x}")
+    return fd
+
+
 def load(request: dict):
-    """Compile and attach as `request` says; returns the BPF object (its fds stay open)."""
+    """Compile and attach as `request` says; returns the BPF object and the uprobes' fds."""
     from bcc import BPF
 
     try:
@@ -43,30 +72,31 @@ def load(request: dict):
         raise UserError(f"could not compile the BPF program: {exc}",
                         "see the compiler messages above; the kernel headers may not fit this kernel") from None
     _check_event_layouts(bpf)
+    _declare_attach_uprobe()
     pid = request["pid"] or -1
+    uprobes = []
     for i, probe in enumerate(request["probes"]):
-        binary, entry, ret = probe["binary"].encode(), f"probe_entry_{i}".encode(), f"probe_return_{i}".encode()
+        binary, entry, ret = probe["binary"], f"probe_entry_{i}", f"probe_return_{i}"
         try:
-            bpf.attach_uprobe(name=binary, addr=probe["entry"], fn_name=entry, pid=pid)
+            uprobes.append(_attach(bpf, entry, binary, probe["entry"], pid, _ENTRY))
             if probe["returns"]:
-                for address in probe["returns"]:
-                    bpf.attach_uprobe(name=binary, addr=address, fn_name=ret, pid=pid)
+                uprobes += [_attach(bpf, ret, binary, address, pid, _ENTRY) for address in probe["returns"]]
             else:
-                bpf.attach_uretprobe(name=binary, addr=probe["address"], fn_name=ret, pid=pid)
+                uprobes.append(_attach(bpf, ret, binary, probe["address"], pid, _RETURN))
         except Exception as exc:
             raise UserError(f"could not attach to {probe['name']} in {probe['binary']}: {exc}",
                             "check that the binary (and the process, with --pid) still exist") from None
-    return bpf
+    return bpf, uprobes
 
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     try:
         request = json.load(sys.stdin)
-        bpf = load(request)
-        map_fds = [bpf[name].map_fd for name in request["maps"]]
+        bpf, uprobes = load(request)
+        map_fds = [bpf[name].map_fd for name in MAPS]
         # Tracepoints (thread exit, HTTP) were attached by BCC itself when it loaded the program.
-        attachments = list(bpf.uprobe_fds.values()) + list(bpf.tracepoint_fds.values())
+        attachments = uprobes + list(bpf.tracepoint_fds.values())
         header = {"ok": True, "attachments": len(attachments)}
         socket.send_fds(sock, [json.dumps(header).encode()], map_fds)
         for start in range(0, len(attachments), FDS_PER_MESSAGE):

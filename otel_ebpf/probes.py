@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import platform
+import re
+import resource
 import socket
 import subprocess
 import sys
@@ -29,7 +32,25 @@ LATENCY_BUCKETS = 40  # bpf/event.h
 LATENCY_SLOTS = LATENCY_BUCKETS + 1
 _STACK_KEY_SIZE = 16  # struct stack_key in bpf/maps.h
 
-_CAP_PERFMON, _CAP_BPF = 38, 39
+# Capabilities the kernel checks, by bit number in /proc/self/status (linux/capability.h).
+CAP_DAC_READ_SEARCH = 2
+CAP_SYS_PTRACE = 19
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_PERFMON = 38
+CAP_BPF = 39
+CAPABILITY_NAMES = {CAP_DAC_READ_SEARCH: "DAC_READ_SEARCH", CAP_SYS_PTRACE: "SYS_PTRACE", CAP_SYS_ADMIN: "SYS_ADMIN",
+                    CAP_SYS_RESOURCE: "SYS_RESOURCE", CAP_PERFMON: "PERFMON", CAP_BPF: "BPF"}
+# Kernel releases that changed what tracing needs: CAP_BPF and CAP_PERFMON exist since 5.8 (before, CAP_SYS_ADMIN
+# did everything); BPF memory counts against the memory cgroup, not RLIMIT_MEMLOCK, since 5.11; since 6.16 (and in
+# stable kernels with the fix for CVE-2025-38466) perf creates uprobes for CAP_SYS_ADMIN only, and BCC then creates
+# them by writing to tracefs's uprobe_events instead.
+SPLIT_CAPABILITIES = (5, 8)
+MEMCG_ACCOUNTING = (5, 11)
+UPROBES_NEED_SYS_ADMIN = (6, 16)
+# BCC's tracefs: its debugfs mount point when there is one (bcc/__init__.py's TRACEFS).
+TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
+_log = logging.getLogger("otel_ebpf.probes")
 
 
 @dataclass(frozen=True)
@@ -88,21 +109,67 @@ class Tunables:
                    http=settings.http)
 
 
+def missing_privileges(effective: int, kernel: tuple[int, int], memlock_unlimited: bool, tracefs_readable: bool,
+                       tracefs_writable: bool) -> dict[int, str]:
+    """The capabilities this kernel will ask for that the effective set lacks, each with what it is for.
+
+    CAP_SYS_ADMIN passes every check CAP_BPF and CAP_PERFMON pass, so it stands in for both.
+    """
+    def has(capability: int) -> bool:
+        return bool(effective >> capability & 1)
+
+    admin, missing = has(CAP_SYS_ADMIN), {}
+    if kernel < SPLIT_CAPABILITIES:
+        if not admin:
+            missing[CAP_SYS_ADMIN] = "to load eBPF programs before Linux 5.8"
+    else:
+        if not (has(CAP_BPF) or admin):
+            missing[CAP_BPF] = "to load eBPF programs"
+        if not (has(CAP_PERFMON) or admin):
+            missing[CAP_PERFMON] = "to attach them"
+        if not admin and kernel >= UPROBES_NEED_SYS_ADMIN and not tracefs_writable:
+            missing[CAP_SYS_ADMIN] = "to create uprobes on Linux 6.16+, unless tracefs is writable"
+    if kernel < MEMCG_ACCOUNTING and not (memlock_unlimited or has(CAP_SYS_RESOURCE)):
+        missing[CAP_SYS_RESOURCE] = "to lift RLIMIT_MEMLOCK for the BPF maps before Linux 5.11"
+    if not tracefs_readable:
+        missing[CAP_DAC_READ_SEARCH] = "to read tracefs, which only root may"
+    return missing
+
+
 def check_privileges() -> None:
-    """uprobes and BPF maps need root, or CAP_BPF and CAP_PERFMON (kernel >= 5.8)."""
-    if os.geteuid() == 0:
-        return
-    caps = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                caps = int(line.split()[1], 16)
-    missing = [name for bit, name in ((_CAP_BPF, "CAP_BPF"), (_CAP_PERFMON, "CAP_PERFMON")) if not caps >> bit & 1]
+    """Refuse to start without what the kernel will ask for, naming each missing capability and how to grant it.
+
+    Reads the effective set even as root: a container's root lacks whatever cap_drop removed. Without
+    CAP_SYS_PTRACE tracing works, so it is only a warning: what it costs is process identity.
+    """
+    with open("/proc/self/mounts") as mounts:
+        mounted = {fields[1] for fields in map(str.split, mounts) if fields[2] == "tracefs"}
+    tracefs = next((path for path in TRACEFS_PATHS if path in mounted), None)
+    if tracefs is None:
+        raise UserError("tracefs is not mounted at /sys/kernel/tracing",
+                        "mount -t tracefs nodev /sys/kernel/tracing (make setup does), or in a container "
+                        "mount the host's /sys/kernel/tracing")
+    with open("/proc/self/status") as status:
+        effective = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status.read(), re.MULTILINE)[1], 16)
+    kernel = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", platform.release()).groups())
+    missing = missing_privileges(
+        effective, kernel, resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] == resource.RLIM_INFINITY,
+        os.access(tracefs, os.R_OK | os.X_OK, effective_ids=True),
+        os.access(os.path.join(tracefs, "uprobe_events"), os.W_OK, effective_ids=True))
     if missing:
+        names = [CAPABILITY_NAMES[capability] for capability in missing]
+        reasons = [f"CAP_{name} ({why})" for name, why in zip(names, missing.values())]
         raise UserError(
-            f"not allowed to load eBPF programs: missing {', '.join(missing)}",
-            "run as root (sudo) or grant the capabilities, e.g. setcap cap_bpf,cap_perfmon+ep",
-        )
+            "not allowed to trace: missing " + ", ".join(reasons),
+            f"grant {'them' if len(names) > 1 else 'it'}: docker run {' '.join('--cap-add ' + n for n in names)}; "
+            f"Kubernetes securityContext.capabilities.add: [{', '.join(names)}]; "
+            f"setcap {','.join('cap_' + n.lower() for n in names)}+ep on a copy of the Python interpreter that only "
+            "otel-ebpf runs; " + ("root alone is not enough when a container's cap_drop or a bounding set removed them"
+                                  if os.geteuid() == 0 else "or run as root"))
+    if not effective >> CAP_SYS_PTRACE & 1:
+        _log.warning("without CAP_SYS_PTRACE, processes of other users or with capabilities otel-ebpf lacks cannot "
+                     "be traced with --pid, and their spans lack process.executable.path and HTTP peer addresses "
+                     "(grant it: docker run --cap-add SYS_PTRACE; securityContext.capabilities.add: [SYS_PTRACE])")
 
 
 def check_kernel_headers(modules: Path = Path("/lib/modules")) -> None:
@@ -217,23 +284,22 @@ class ProbeSet:
         self.probes = probes
         self.ring_buffer_size = tunables.ring_buffer_size
         source, cflags = build_program(probes, tunables)
-        maps = list(loader.MAPS) + (["http_processes"] if tunables.http else [])
-        request = {"source": source, "cflags": cflags, "pid": pid, "maps": maps,
+        request = {"source": source, "cflags": cflags, "pid": pid,
                    "probes": [{"binary": p.binary, "name": p.symbol.demangled, "address": p.symbol.address,
                                "entry": p.entry, "returns": p.returns} for p in probes]}
         map_fds, self._attachment_fds = _run_loader(request)
         self._map_fds = map_fds
-        self._maps = dict(zip(maps, map_fds))
+        self._maps = dict(zip(loader.MAPS, map_fds))
         self._counters = PerCpuArray(self._maps["counters"], len(events.COUNTERS))
         self._latency = PerCpuArray(self._maps["latency"], len(probes) * LATENCY_SLOTS)
 
     def ring(self) -> events.RingReader:
         return events.RingReader(self._maps["events"], self.ring_buffer_size)
 
-    def watch_http(self, pid: int) -> None:
-        """Watch this process's sockets for HTTP requests from now on (kernel pid, as in the root namespace)."""
-        if "http_processes" in self._maps:
-            _map_call(_BPF_MAP_UPDATE_ELEM, self._maps["http_processes"], ctypes.c_uint32(pid), ctypes.c_uint8(1))
+    def register_process(self, pid: int) -> None:
+        """A process user space knows (a COMMAND, --pid): its spans carry process_seq 0, and with HTTP tracing
+        its sockets are watched from the start (kernel pid: as in the initial PID namespace)."""
+        _map_call(_BPF_MAP_UPDATE_ELEM, self._maps["processes"], ctypes.c_uint32(pid), ctypes.c_uint32(0))
 
     def counters(self) -> dict[str, int]:
         return dict(zip(events.COUNTERS, self._counters.sums()))
@@ -264,7 +330,7 @@ def _run_loader(request: dict) -> tuple[list[int], list[int]]:
         theirs.close()
         child.stdin.write(json.dumps(request).encode())
         child.stdin.close()
-        message, map_fds, _, _ = socket.recv_fds(ours, 65536, len(request["maps"]))
+        message, map_fds, _, _ = socket.recv_fds(ours, 65536, len(loader.MAPS))
         answer = json.loads(message) if message else {"ok": False, "message": "the BPF loader died",
                                                       "hint": "see the messages above"}
         attachment_fds: list[int] = []

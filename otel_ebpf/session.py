@@ -6,26 +6,25 @@ import signal
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 from otel_ebpf.clock import WallClock
 from otel_ebpf.command import Command
-from otel_ebpf.config import Settings
+from otel_ebpf.config import OTEL_EBPF_RETRY_QUEUE_SIZE, OTEL_EBPF_SPOOL_SIZE, Settings
 from otel_ebpf.correlation import Correlator
 from otel_ebpf.events import RingReader
-from otel_ebpf.export import BatchProcessor, ConsoleSink, otlp_transport
+from otel_ebpf.export import BatchProcessor, ConsoleSink, Sink, otlp_transport, span_exporter
 from otel_ebpf.metrics import FunctionLatency, MetricsEncoder, MetricsExporter, sidecar_resource
 from otel_ebpf.probes import Probe, ProbeSet, Tunables
 from otel_ebpf.spans import ProbeInfo, ProcessInfo, SpanEncoder
 
-# How often the ring buffer is read when the kernel has not woken us: bounds the delay of the last
-# events of a quiet period (the kernel wakes us once per batch of events, not per event).
+# How often the ring buffer is read: the kernel does not wake us for span events (it would cost every
+# traced call), so this bounds their delay; at 80 bytes an event, 8 MiB hold ~100k events per period.
 POLL_S = 0.05
 
 
-def _sinks(exporters: tuple[str, ...], otlp, console_format, console: TextIO) -> list:
-    return [ConsoleSink(console_format, console) if name == "console" else otlp_transport(otlp)
-            for name in exporters]
+def _sinks(exporters: tuple[str, ...], make_otlp: Callable[[], Sink], console_format, console: TextIO) -> list:
+    return [ConsoleSink(console_format, console) if name == "console" else make_otlp() for name in exporters]
 
 
 def _describe(settings: Settings) -> str:
@@ -36,11 +35,11 @@ def _describe(settings: Settings) -> str:
 
 def _loss_counters(stats: dict, kernel: dict) -> dict[str, dict[str, int]]:
     """Every call that did not become an exported span, by reason, in the metrics' vocabulary."""
+    failed = stats["failed"] + stats["dropped_retry"] + stats["unsent"]  # given up on after export began
     return {
-        "otel.sdk.processor.span.processed": {"": stats["exported"] + stats["failed"],
-                                              "queue_full": stats["dropped_full"]},
+        "otel.sdk.processor.span.processed": {"": stats["exported"] + failed, "queue_full": stats["dropped_full"]},
         "otel.sdk.exporter.span.exported": {"": stats["exported"] - stats["rejected"],
-                                            "rejected": stats["rejected"], "export_failed": stats["failed"]},
+                                            "rejected": stats["rejected"], "export_failed": failed},
         "otel_ebpf.calls.unrecorded": {"ring_buffer_full": kernel["events_lost"],
                                        "depth_exceeded": kernel["depth_exceeded"],
                                        "unmatched_return": kernel["unmatched_return"]},
@@ -51,7 +50,8 @@ def _metrics(settings: Settings, probes: list[Probe], probe_set: ProbeSet, proce
              console: TextIO) -> MetricsExporter | None:
     """Per-function latency histograms and loss counters, on their own schedule."""
     encoder = MetricsEncoder(sidecar_resource(settings.service_name, settings.resource_attributes), time.time_ns())
-    sinks = _sinks(settings.metrics_exporters, settings.otlp_metrics, str, console)
+    # No retry queue for metrics: they are cumulative, the next export carries what a failed one had.
+    sinks = _sinks(settings.metrics_exporters, lambda: otlp_transport(settings.otlp_metrics), str, console)
     if not sinks:
         return None
 
@@ -82,10 +82,10 @@ def run(settings: Settings, probes: list[Probe], command: Command | None = None,
         if command:
             encoder.remember_process(ProcessInfo.read(pid, command.path, " ".join(command.argv), exec_pending=True))
         if pid:
-            probe_set.watch_http(pid)
+            probe_set.register_process(pid)
         processor = BatchProcessor(
             encoder.encode,
-            _sinks(settings.traces_exporters, settings.otlp, encoder.format, console),
+            _sinks(settings.traces_exporters, lambda: span_exporter(settings), encoder.format, console),
             max_queue_size=settings.bsp_max_queue_size,
             max_batch_size=settings.bsp_max_export_batch_size,
             schedule_delay_s=settings.bsp_schedule_delay_s,
@@ -119,7 +119,7 @@ def run(settings: Settings, probes: list[Probe], command: Command | None = None,
             processor.shutdown(settings.bsp_export_timeout_s)
             if metrics:
                 metrics.shutdown(settings.metric_export_timeout_s)
-            _summarise(processor.stats, probe_set.counters(), log)
+            _summarise(processor.stats, probe_set.counters(), settings, log)
         return command.exit_status if command else 0
     finally:
         probe_set.close()
@@ -151,13 +151,16 @@ def _drain_all(ring: RingReader, correlator: Correlator, processor: BatchProcess
             return
 
 
-def _summarise(stats: dict, kernel: dict, log: TextIO) -> None:
-    """One line on shutdown: every span that did not reach the exporters is accounted for."""
+def _summarise(stats: dict, kernel: dict, settings: Settings, log: TextIO) -> None:
+    """One line on shutdown: every span that did not reach the exporters is accounted for, or said to be spooled."""
+    retry_bound = f"spool full ({OTEL_EBPF_SPOOL_SIZE})" if settings.spool_dir else (
+        f"retry queue full ({OTEL_EBPF_RETRY_QUEUE_SIZE})")
     lost = {
         "ring buffer full": kernel["events_lost"],
         "export queue full (OTEL_BSP_MAX_QUEUE_SIZE)": stats["dropped_full"],
+        f"oldest dropped, {retry_bound}": stats["dropped_retry"],
         "export failed": stats["failed"],
-        "export timed out at shutdown (OTEL_BSP_EXPORT_TIMEOUT)": stats["dropped_shutdown"],
+        "export timed out at shutdown (OTEL_BSP_EXPORT_TIMEOUT)": stats["dropped_shutdown"] + stats["unsent"],
     }
     line = f"otel-ebpf: {stats['exported']} spans exported, {sum(lost.values())} lost"
     details = [f"{n} {why}" for why, n in lost.items() if n]
@@ -167,4 +170,8 @@ def _summarise(stats: dict, kernel: dict, log: TextIO) -> None:
         line += f"; {kernel['depth_exceeded']} calls nested deeper than OTEL_EBPF_MAX_DEPTH not recorded"
     if kernel["unmatched_return"]:
         line += f"; {kernel['unmatched_return']} returns without a recorded entry"
+    if kernel["notices_lost"]:
+        line += f"; {kernel['notices_lost']} HTTP or process events lost to a full ring buffer"
+    if stats["spooled"]:
+        line += f"; {stats['spooled']} spans kept in {settings.spool_dir} for the next run"
     print(line, file=log, flush=True)

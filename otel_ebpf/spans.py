@@ -27,6 +27,8 @@ STATUS_CODE_ERROR = 2
 # Span.flags: W3C trace flags in the low byte; bits 8 and 9 say the parent is known to be remote.
 FLAGS_REMOTE_PARENT = 0x300
 NO_PARENT = bytes(8)
+# Process identities kept: far more than can have spans waiting for export.
+MAX_PROCESSES = 4096
 
 
 def varint(value: int) -> bytes:
@@ -141,25 +143,31 @@ class SpanEncoder:
         self._host = socket.gethostname()
         self._probe_fields = [p.encoded() for p in probes]
         self._scope = field(1, field(1, SCOPE_NAME.encode()) + field(2, __version__.encode()))
-        self._processes: dict[int, ProcessInfo] = {}
-        self._resources: dict[int, bytes] = {}
+        # By (pid, process_seq): pids are reused, the kernel's process_seq tells their owners apart.
+        self._processes: dict[tuple[int, int], ProcessInfo] = {}
+        self._resources: dict[tuple[int, int], bytes] = {}
         self._thread_fields: dict[tuple[int, int], bytes] = {}
 
-    def remember_process(self, info: ProcessInfo) -> None:
-        self._processes[info.pid] = info
-        self._resources.pop(info.pid, None)
+    def remember_process(self, info: ProcessInfo, process_seq: int = 0) -> None:
+        """process_seq 0: a process user space registered itself (a COMMAND, --pid)."""
+        if len(self._processes) >= MAX_PROCESSES:  # the oldest have long been exported
+            oldest = next(iter(self._processes))
+            del self._processes[oldest]
+            self._resources.pop(oldest, None)
+        self._processes[(info.pid, process_seq)] = info
 
-    def process(self, pid: int, probe_id: int | None = None) -> ProcessInfo:
+    def process(self, pid: int, process_seq: int, probe_id: int | None = None) -> ProcessInfo:
         """A process's identity, read from /proc the first time it is seen, while it is most likely alive."""
-        info = self._processes.get(pid)
+        info = self._processes.get((pid, process_seq))
         if info is None:
             info = ProcessInfo.read(pid, self.probes[probe_id].binary if probe_id is not None else "")
-            self.remember_process(info)
+            if info.executable:  # else it is gone already: its first span will name at least the binary
+                self.remember_process(info, process_seq)
         return info
 
-    def resource_attributes(self, pid: int) -> dict[str, str | int]:
+    def resource_attributes(self, pid: int, process_seq: int = 0) -> dict[str, str | int]:
         """The process's own OTEL_SERVICE_NAME wins, then ours, then the executable's name."""
-        info = self._processes.get(pid) or ProcessInfo(pid, "", "")
+        info = self._processes.get((pid, process_seq)) or ProcessInfo(pid, "", "")
         attrs: dict[str, str | int] = dict(self._resource_attributes)
         if info.container_id:
             attrs["container.id"] = info.container_id
@@ -177,10 +185,10 @@ class SpanEncoder:
         })
         return attrs
 
-    def _resource(self, pid: int) -> bytes:
-        resource = self._resources.get(pid)
+    def _resource(self, key: tuple[int, int]) -> bytes:
+        resource = self._resources.get(key)
         if resource is None:
-            resource = self._resources[pid] = field(1, attributes(1, self.resource_attributes(pid)))
+            resource = self._resources[key] = field(1, attributes(1, self.resource_attributes(*key)))
         return resource
 
     def _thread(self, pid: int, tid: int) -> bytes:
@@ -196,7 +204,7 @@ class SpanEncoder:
         """One ExportTraceServiceRequest for a batch of SpanEvents and ServerSpans."""
         offset = self.clock.offset_ns
         probe_fields, times = self._probe_fields, _TIMES.pack
-        by_pid: dict[int, list[bytes]] = {}
+        by_process: dict[tuple[int, int], list[bytes]] = {}
         for e in items:
             if type(e) is SpanEvent:
                 body = b"".join((
@@ -209,13 +217,14 @@ class SpanEncoder:
                 ))
             else:
                 body = self._server_span(e, offset)
-            spans = by_pid.get(e.pid)
+            key = (e.pid, e.process_seq)
+            spans = by_process.get(key)
             if spans is None:
-                spans = by_pid[e.pid] = []
+                spans = by_process[key] = []
             spans.append(b"\x12" + varint(len(body)) + body)
         return b"".join(
-            field(1, self._resource(pid) + field(2, self._scope + b"".join(spans)))
-            for pid, spans in by_pid.items()
+            field(1, self._resource(key) + field(2, self._scope + b"".join(spans)))
+            for key, spans in by_process.items()
         )
 
     def _server_span(self, s, offset: int) -> bytes:

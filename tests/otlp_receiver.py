@@ -11,9 +11,11 @@ from __future__ import annotations
 import gzip
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
@@ -63,12 +65,14 @@ class _Failures:
 class OtlpReceiver:
     """Collects trace and metrics export requests over OTLP/gRPC and OTLP/HTTP; thread-safe.
 
-    ``tls=(cert_file, key_file)`` serves both transports over TLS (endpoints become https).
+    ``tls=(cert_file, key_file)`` serves both transports over TLS (endpoints become https); with ``client_ca``
+    too, clients must present a certificate that CA signed (mutual TLS).
     Failures, partial success and the counters below apply to both signals alike.
     """
 
-    def __init__(self, tls: tuple[str, str] | None = None):
+    def __init__(self, tls: tuple[str, str] | None = None, client_ca: str | None = None):
         self.tls = tls
+        self.client_ca = client_ca
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.headers: list[dict[str, str]] = []  # per accepted request of either signal, lower-case names
@@ -93,7 +97,9 @@ class OtlpReceiver:
         address = f"127.0.0.1:{self._grpc_port}"
         if self.tls:
             cert, key = (Path(path).read_bytes() for path in self.tls)
-            port = self._grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+            credentials = grpc.ssl_server_credentials([(key, cert)], client_ca, require_client_auth=bool(client_ca))
+            port = self._grpc_server.add_secure_port(address, credentials)
         else:
             port = self._grpc_server.add_insecure_port(address)
         self._grpc_port = port
@@ -103,6 +109,9 @@ class OtlpReceiver:
         if self.tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*self.tls)
+            if self.client_ca:
+                context.load_verify_locations(self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
             self._http_server.socket = context.wrap_socket(self._http_server.socket, server_side=True)
         self._http_port = self._http_server.server_address[1]
         self._http_thread = threading.Thread(target=self._http_server.serve_forever, args=(0.05,), daemon=True)
@@ -240,6 +249,39 @@ class OtlpReceiver:
                 rejected, response.partial_success.error_message = self.partial_success
                 setattr(response.partial_success, rejected_field, rejected)
             return response
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files of a test CA and of a server (for 127.0.0.1) and a client certificate it signed."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+    @property
+    def server(self) -> tuple[str, str]:
+        """What OtlpReceiver(tls=...) takes."""
+        return self.server_cert, self.server_key
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """A CA and two certificates it signed, made by the openssl command (1 day, EC P-256)."""
+
+    def openssl_req(name: str, *args: str) -> tuple[str, str]:
+        cert, key = str(directory / f"{name}.pem"), str(directory / f"{name}-key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "1", "-keyout", key, "-out", cert, "-subj", f"/CN=otel-ebpf test {name}",
+                        *args], check=True, capture_output=True)
+        return cert, key
+
+    ca, ca_key = openssl_req("ca")
+    leaf = ("-CA", ca, "-CAkey", ca_key, "-addext", "basicConstraints=critical,CA:FALSE")
+    server = openssl_req("server", *leaf, "-addext", "subjectAltName=IP:127.0.0.1")
+    client = openssl_req("client", *leaf, "-addext", "extendedKeyUsage=clientAuth")
+    return Certificates(ca, *server, *client)
 
 
 class _Servicer:

@@ -66,3 +66,32 @@ def test_in_a_child_pid_namespace_pids_are_the_ones_seen_there(tmp_path):
     tids = {c.tid for c in truth.calls if c.fn == "handle_request"}
     assert len(lines) == 2
     assert all(f"pid={truth.pid} " in line and any(f"tid={tid} " in line for tid in tids) for line in lines)
+
+
+def test_the_target_s_code_and_data_are_untouched_except_the_breakpoints(tmp_path):
+    """A uprobe writes one breakpoint byte per probed instruction, nothing else (no uprobe reference counter
+    either: see loader._declare_attach_uprobe)."""
+    binary = symbols.binary_path(str(NESTED))
+    probes = plan(binary, symbols.resolve(binary, FUNCTIONS))
+    target = subprocess.Popen([binary, "1", "1"], stdout=subprocess.DEVNULL,
+                              env={"NESTED_START_DELAY_MS": "60000"})
+    probe_set = ProbeSet(probes, Tunables(), target.pid)
+    try:
+        with open(binary, "rb") as f:
+            image = f.read()
+        changed = []
+        with open(f"/proc/{target.pid}/maps") as maps, open(f"/proc/{target.pid}/mem", "rb") as mem:
+            for line in maps:
+                addresses, perms, offset, _, _, *path = line.split()
+                # The code and the ELF header page; data is the program's and the loader's to change (RELRO).
+                if path != [binary] or not ("x" in perms or int(offset, 16) == 0):
+                    continue
+                start, end = (int(a, 16) for a in addresses.split("-"))
+                mem.seek(start)
+                live, base = mem.read(end - start), int(offset, 16)
+                changed += [base + i for i, (a, b) in enumerate(zip(live, image[base:base + len(live)])) if a != b]
+        assert sorted(changed) == sorted(p.symbol.offset for p in probes), "bytes other than the probed entries changed"
+    finally:
+        probe_set.close()
+        target.kill()
+        target.wait()

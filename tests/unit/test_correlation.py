@@ -29,7 +29,7 @@ def traceparent(flags: str = "01") -> str:
 def request(*headers: str, trace_id=KERNEL_TRACE, span_id=SERVER_SPAN, sampled=1, pid=PID, fd=3):
     data = ("GET /work?n=3 HTTP/1.1\r\nHost: example.com:8080\r\n"
             + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode()
-    return HttpRequestEvent(HTTP_REQUEST.kind, fd, 1_000, trace_id, span_id, pid, TID, len(data), sampled, data)
+    return HttpRequestEvent(HTTP_REQUEST.kind, fd, 1_000, trace_id, span_id, pid, TID, len(data), sampled, 0, 0, data)
 
 
 def response(status: int = 200, span_id=SERVER_SPAN, pid=PID, fd=3):
@@ -57,7 +57,7 @@ def test_traceparent_moves_the_request_into_the_callers_trace():
     caller = bytes.fromhex(CALLER_TRACE)
     assert out[:2] == [root._replace(trace_id=caller), child._replace(trace_id=caller)]  # parents untouched
     (server,) = out[2:]
-    assert server == ServerSpan(PID, TID, caller, SERVER_SPAN, SpanContext(caller, bytes.fromhex(CALLER_SPAN), True,
+    assert server == ServerSpan(PID, 0, TID, caller, SERVER_SPAN, SpanContext(caller, bytes.fromhex(CALLER_SPAN), True,
                                                                            "a=1"),
                                 1_000, 9_000, "GET", server.attributes)
     assert server.attributes["http.response.status_code"] == 200 and server.attributes["url.query"] == "n=3"

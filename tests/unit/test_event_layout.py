@@ -15,7 +15,7 @@ PROGRAM = r"""
 #include <stdio.h>
 #include "event.h"
 #define SHOW(s, f) printf(#s " " #f " %zu %zu\n", offsetof(struct s, f), sizeof(((struct s *)0)->f));
-#define SIZE(s, kind) printf(#s " size %zu %d\n", sizeof(struct s), kind);
+#define SIZE(s, kind) printf(#kind " size %zu %d\n", sizeof(struct s), kind);
 int main(void) {
     FIELDS
     printf("counters max %d 0\n", COUNTER_MAX);
@@ -23,7 +23,9 @@ int main(void) {
 }
 """
 STRUCTS = {events.SPAN: ("span_event", "EVENT_SPAN"), events.HTTP_REQUEST: ("http_request_event", "EVENT_HTTP_REQUEST"),
-           events.HTTP_RESPONSE: ("http_response_event", "EVENT_HTTP_RESPONSE")}
+           events.HTTP_RESPONSE: ("http_response_event", "EVENT_HTTP_RESPONSE"),
+           events.PROCESS_START: ("process_event", "EVENT_PROCESS_START"),
+           events.PROCESS_EXIT: ("process_event", "EVENT_PROCESS_EXIT")}
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +42,10 @@ def c_layout(tmp_path_factory):
 
 @pytest.mark.parametrize("event_type", events.EVENT_TYPES, ids=lambda t: t.member)
 def test_python_mirror_matches_the_c_header(c_layout, event_type):
-    struct, _ = STRUCTS[event_type]
+    struct, kind_name = STRUCTS[event_type]
     offsets = {name: c_layout[(struct, name)] for name, _ in event_type.fields}
     assert offsets == event_type.offsets()
-    size, kind = c_layout[(struct, "size")]
+    size, kind = c_layout[(kind_name, "size")]
     assert (size, kind) == (event_type.struct.size, event_type.kind)
     events.check_layout(event_type, offsets, size)
 

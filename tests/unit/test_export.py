@@ -2,8 +2,9 @@
 
 import io
 import logging
+import os
 import shutil
-import subprocess
+import socket
 import threading
 import time
 
@@ -16,15 +17,20 @@ from otel_ebpf.config import load_settings
 from otel_ebpf.errors import UserError
 from otel_ebpf.export import (
     USER_AGENT,
+    Batch,
     BatchProcessor,
     ConsoleSink,
     ExportError,
     GrpcTransport,
     HttpTransport,
+    RetryableError,
+    RetryingExporter,
+    RetryQueue,
     _parse_retry_after,
     otlp_transport,
+    span_exporter,
 )
-from tests.otlp_receiver import OtlpReceiver
+from tests.otlp_receiver import OtlpReceiver, make_certificates
 
 FAST = dict(backoff_s=0.01, max_backoff_s=0.05)
 
@@ -266,28 +272,38 @@ def test_bad_settings_are_user_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
+def pki(tmp_path_factory):
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )
-    return str(cert), str(key)
+        pytest.skip("openssl is needed to make test certificates")
+    return make_certificates(tmp_path_factory.mktemp("pki"))
 
 
-def test_tls_with_custom_ca(kind, tls_files, transports):
-    with OtlpReceiver(tls=tls_files) as receiver:
-        transport = transports(kind, receiver, certificate=tls_files[0])
+def test_tls_with_custom_ca(kind, pki, transports):
+    with OtlpReceiver(tls=pki.server) as receiver:
+        transport = transports(kind, receiver, certificate=pki.ca)
         transport.send(encode(["secure"]), time.monotonic() + 5)
         assert names_received(receiver) == ["secure"]
 
 
-def test_untrusted_server_certificate_fails(kind, tls_files, transports):
-    with OtlpReceiver(tls=tls_files) as receiver:
+def test_mutual_tls_with_client_certificate_and_auth_header(kind, pki, transports):
+    with OtlpReceiver(tls=pki.server, client_ca=pki.ca) as receiver:
+        transport = transports(kind, receiver, certificate=pki.ca, client_key=pki.client_key,
+                               client_certificate=pki.client_cert, headers={"authorization": "Bearer x"})
+        transport.send(encode(["mutual"]), time.monotonic() + 5)
+        assert names_received(receiver) == ["mutual"]
+        assert receiver.headers[0]["authorization"] == "Bearer x"
+
+
+def test_mutual_tls_without_client_certificate_fails(kind, pki, transports):
+    with OtlpReceiver(tls=pki.server, client_ca=pki.ca) as receiver:
+        transport = transports(kind, receiver, certificate=pki.ca)
+        with pytest.raises(ExportError):
+            transport.send(encode(["a"]), time.monotonic() + 0.5)
+        assert receiver.attempts == 0
+
+
+def test_untrusted_server_certificate_fails(kind, pki, transports):
+    with OtlpReceiver(tls=pki.server) as receiver:
         transport = transports(kind, receiver)
         start = time.monotonic()
         with pytest.raises(ExportError) as info:
@@ -296,6 +312,20 @@ def test_untrusted_server_certificate_fails(kind, tls_files, transports):
         assert receiver.attempts == 0
         if kind == "http":
             assert "certificate verify failed" in str(info.value)
+
+
+def test_send_once_makes_one_attempt_and_passes_the_server_hint_on(kind, receiver, transports):
+    transport = transports(kind, receiver)
+    receiver.fail_next(1, retry_after_s=7)
+
+    with pytest.raises(RetryableError) as info:
+        transport.send_once(encode(["a"]), time.monotonic() + 5)
+
+    assert receiver.attempts == 1
+    assert info.value.after_s == pytest.approx(7)
+    assert str(info.value).startswith(transport.endpoint)
+    assert transport.send_once(encode(["b"]), time.monotonic() + 5) == 0
+    assert names_received(receiver) == ["b"]
 
 
 # ----- batch processor
@@ -349,7 +379,8 @@ def test_all_items_delivered_in_bounded_batches(kind, receiver, transports):
 
     assert sorted(names_received(receiver)) == sorted(f"s{i}" for i in range(250))
     assert all(len(r.resource_spans[0].scope_spans[0].spans) <= 64 for r in receiver.requests)
-    assert bp.stats == {"exported": 250, "dropped_full": 0, "dropped_shutdown": 0, "failed": 0, "rejected": 0}
+    assert bp.stats == {"exported": 250, "dropped_full": 0, "dropped_shutdown": 0, "failed": 0, "rejected": 0,
+                        "dropped_retry": 0, "unsent": 0, "spooled": 0}
 
 
 def test_queue_overflow_is_counted_exactly():
@@ -454,3 +485,299 @@ def test_console_sink_writes_one_line_per_item():
     bp.shutdown(5)
 
     assert out.getvalue() == "main took 12us\nparse took 3us\nwrite took 7us\n"
+
+
+# ----- retry queue
+
+
+def test_retry_queue_drops_the_oldest_past_its_bound():
+    queue = RetryQueue(max_bytes=25)
+    assert queue.push(b"a" * 10, 1) == 0
+    assert queue.push(b"b" * 10, 2) == 0
+    assert queue.push(b"c" * 10, 3) == 1  # 30 bytes > 25: a goes
+
+    assert (len(queue), queue.bytes, queue.spans) == (2, 20, 5)
+    assert [queue.take().data for _ in range(2)] == [b"b" * 10, b"c" * 10]
+    assert queue.take() is None
+    assert queue.push(b"x" * 26, 4) == 4, "a request larger than the bound is dropped itself"
+
+
+def test_a_request_being_sent_is_outside_the_bound_and_goes_back_first():
+    queue = RetryQueue(max_bytes=20)
+    queue.push(b"a" * 10, 1)
+    sending = queue.take()
+    assert queue.push(b"b" * 10, 1) == 0 and queue.push(b"c" * 10, 1) == 0
+
+    assert queue.put_back(sending) == 1, "back in the queue it is the oldest, so it is dropped first"
+    assert [queue.take().data for _ in range(2)] == [b"b" * 10, b"c" * 10]
+
+
+def spool_files(directory) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+
+
+def test_spool_keeps_requests_across_runs_in_order(tmp_path):
+    spool = tmp_path / "spool"
+    first = RetryQueue(1 << 20, str(spool))
+    for i in range(3):
+        first.push(encode([f"s{i}"]), 1)
+    first.close()
+    assert len(spool_files(spool)) == 3 and not any(name.endswith(".tmp") for name in os.listdir(spool))
+
+    second = RetryQueue(1 << 20, str(spool))
+    assert (len(second), second.spans) == (3, 3)
+    second.push(encode(["s3"]), 1)
+    taken = [second.take() for _ in range(4)]
+    assert [ExportTraceServiceRequest.FromString(p.data).resource_spans[0].scope_spans[0].spans[0].name
+            for p in taken] == ["s0", "s1", "s2", "s3"]
+    for payload in taken:
+        second.done(payload)
+    assert spool_files(spool) == []
+    second.close()
+
+
+def test_spool_size_cap_is_respected_dropping_the_oldest_files(tmp_path):
+    cap = 10_000
+    queue = RetryQueue(cap, str(tmp_path))
+    dropped = sum(queue.push(encode([f"s{i}"] * 10), 10) for i in range(100))
+
+    on_disk = sum(os.path.getsize(tmp_path / name) for name in spool_files(tmp_path))
+    assert on_disk == queue.bytes <= cap
+    assert dropped == 100 * 10 - queue.spans > 0
+    newest = ExportTraceServiceRequest.FromString((tmp_path / spool_files(tmp_path)[-1]).read_bytes())
+    assert newest.resource_spans[0].scope_spans[0].spans[0].name == "s99"
+    queue.close()
+
+
+def test_spool_discards_interrupted_writes_and_leaves_other_files_alone(tmp_path):
+    (tmp_path / "00000000000000000007-5.binpb.tmp").write_bytes(b"half")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "00000000000000000003-2.binpb").write_bytes(encode(["a", "b"]))
+
+    queue = RetryQueue(1 << 20, str(tmp_path))
+
+    assert queue.spans == 2
+    assert sorted(os.listdir(tmp_path)) == [".lock", "00000000000000000003-2.binpb", "notes.txt"]
+    queue.push(encode(["c"]), 1)
+    assert spool_files(tmp_path)[1].startswith("00000000000000000004-"), "numbering goes on after the last file"
+    queue.close()
+
+
+def test_spool_directory_serves_one_otel_ebpf_at_a_time(tmp_path):
+    first = RetryQueue(1 << 20, str(tmp_path))
+    with pytest.raises(UserError, match=f"OTEL_EBPF_SPOOL_DIR='{tmp_path}' is in use") as info:
+        RetryQueue(1 << 20, str(tmp_path))
+    assert info.value.hint
+    first.close()
+    RetryQueue(1 << 20, str(tmp_path)).close()
+
+
+def test_unusable_spool_directory_is_a_user_error(tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    with pytest.raises(UserError, match="OTEL_EBPF_SPOOL_DIR=.* cannot be used: File exists"):
+        RetryQueue(1 << 20, str(not_a_directory))
+
+
+# ----- retrying exporter
+
+
+@pytest.fixture
+def exporters():
+    """RetryingExporters with a fast backoff, closed afterwards (closing their transports)."""
+    made = []
+
+    def make(transport, queue=None, **kwargs):
+        options = dict(backoff_s=0.05, max_backoff_s=0.2) | kwargs
+        made.append(RetryingExporter(transport, RetryQueue(1 << 20) if queue is None else queue, **options))
+        return made[-1]
+
+    yield make
+    for exporter in made:
+        exporter.close()
+
+
+def export(exporter, *names):
+    exporter.export(Batch(list(names), encode), time.monotonic() + 5)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_outage_spans_wait_then_arrive_once_in_order(kind, receiver, transports, exporters, caplog):
+    caplog.set_level(logging.WARNING, logger="otel_ebpf.export")
+    exporter = exporters(transports(kind, receiver))
+    export(exporter, "before")
+    receiver.stop()
+
+    for i in range(5):
+        export(exporter, f"during-{i}", f"during-{i}b")
+    assert exporter.waiting == 10
+    receiver.start()
+    receiver.wait_for_spans(11)
+    wait_until(lambda: exporter.waiting == 0)
+
+    assert names_received(receiver) == ["before"] + [f"during-{i}{b}" for i in range(5) for b in ("", "b")]
+    assert exporter.counts == {"exported": 11, "rejected": 0, "failed": 0, "dropped_retry": 0, "unsent": 0,
+                               "spooled": 0}
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "span export failed" in messages[0] and "retrying with backoff" in messages[0]
+    assert "span export recovered" in messages[1]
+    assert not any(r.exc_info for r in caplog.records)
+    export(exporter, "after")
+    receiver.wait_for_spans(12)
+    assert names_received(receiver)[-1] == "after"
+
+
+def test_no_attempt_per_batch_while_the_backend_is_failing(transports, exporters):
+    """A backend that accepts connections but never answers costs one request timeout, not one per batch."""
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)
+        transport = HttpTransport(f"http://127.0.0.1:{blackhole.getsockname()[1]}/v1/traces", {}, 0.5)
+        exporter = exporters(transport, max_backoff_s=5.0)
+        start = time.monotonic()
+        export(exporter, "first")
+        assert 0.5 <= time.monotonic() - start < 1.5
+
+        start = time.monotonic()
+        for i in range(20):
+            export(exporter, f"s{i}")
+        assert time.monotonic() - start < 0.2
+        assert exporter.waiting == 21
+
+
+def test_full_retry_queue_drops_the_oldest_and_counts_them(kind, receiver, transports, exporters):
+    size = len(encode(["s00"]))
+    exporter = exporters(transports(kind, receiver), RetryQueue(3 * size))
+    receiver.stop()
+    for i in range(10):
+        export(exporter, f"s{i:02d}")
+
+    receiver.start()
+    wait_until(lambda: exporter.waiting == 0)
+
+    assert names_received(receiver) == ["s07", "s08", "s09"]
+    assert exporter.counts["dropped_retry"] == 7 and exporter.counts["exported"] == 3
+
+
+def test_a_refused_request_is_dropped_alone(kind, receiver, transports, exporters, caplog):
+    exporter = exporters(transports(kind, receiver))
+    receiver.stop()
+    for name in ("a", "b", "c"):
+        export(exporter, name)
+    receiver.fail_next(1, http_status=400, grpc_code=grpc.StatusCode.INVALID_ARGUMENT)
+    receiver.start()
+
+    wait_until(lambda: exporter.waiting == 0)
+
+    assert names_received(receiver) == ["b", "c"]
+    assert exporter.counts["failed"] == 1 and exporter.counts["exported"] == 2
+    assert any("1 spans dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_recovery_is_noticed_within_seconds(kind, receiver, transports, exporters):
+    """Backoff is capped (here at 1 s) so a backend coming back is not left alone for long."""
+    exporter = exporters(transports(kind, receiver), backoff_s=0.1, max_backoff_s=1.0)
+    receiver.stop()
+    export(exporter, "a")
+    time.sleep(3)  # the backoff reaches its cap
+
+    receiver.start()
+    back = time.monotonic()
+    receiver.wait_for_spans(1, timeout=10)
+
+    # gRPC adds its own reconnection backoff to ours, up to a few seconds.
+    assert time.monotonic() - back < (1.5 if kind == "http" else 6.0)
+
+
+def test_shutdown_with_the_backend_down_counts_what_is_left_as_unsent(kind, receiver, transports, exporters):
+    exporter = exporters(transports(kind, receiver))
+    receiver.stop()
+    for name in ("a", "b", "c"):
+        export(exporter, name)
+
+    start = time.monotonic()
+    exporter.close(start + 0.5)
+
+    assert time.monotonic() - start < 1.5
+    assert exporter.counts["unsent"] == 3 and exporter.counts["exported"] == 0
+
+
+def test_shutdown_flushes_the_queue_when_the_backend_is_back(receiver, transports, exporters):
+    exporter = exporters(transports("http", receiver), max_backoff_s=30.0)
+    receiver.stop()
+    export(exporter, "a")
+    time.sleep(0.5)
+    receiver.start()
+
+    exporter.close(time.monotonic() + 5)  # does not wait out the backoff
+
+    assert names_received(receiver) == ["a"]
+    assert exporter.counts["exported"] == 1 and exporter.counts["unsent"] == 0
+
+
+def test_spool_left_at_shutdown_is_sent_by_the_next_run(kind, receiver, transports, exporters, tmp_path):
+    first = exporters(transports(kind, receiver), RetryQueue(1 << 20, str(tmp_path)))
+    receiver.stop()
+    for name in ("a", "b", "c"):
+        export(first, name)
+    start = time.monotonic()
+    first.close(start + 30)
+
+    assert time.monotonic() - start < 1, "spooled spans are safe: no waiting for the backend"
+    assert first.counts["spooled"] == 3 and len(spool_files(tmp_path)) == 3
+
+    receiver.start()
+    second = exporters(transports(kind, receiver), RetryQueue(1 << 20, str(tmp_path)))
+    export(second, "d")
+    wait_until(lambda: second.waiting == 0)
+
+    assert names_received(receiver) == ["a", "b", "c", "d"]
+    assert spool_files(tmp_path) == []
+
+
+def test_processor_with_console_and_otlp_counts_what_the_backend_got(receiver, transports, exporters):
+    console = io.StringIO()
+    exporter = exporters(transports("http", receiver))
+    bp = processor([exporter, ConsoleSink(str, console)], max_batch_size=10)
+    receiver.stop()
+    bp.add([f"s{i}" for i in range(30)])
+    wait_until(lambda: len(console.getvalue().split()) == 30)  # the console does not wait for the backend
+    assert bp.stats["exported"] == 0
+
+    receiver.start()
+    bp.shutdown(5)
+
+    assert sorted(names_received(receiver)) == sorted(f"s{i}" for i in range(30))
+    assert bp.stats["exported"] == 30 and bp.stats["unsent"] == 0
+
+
+def test_retry_settings():
+    settings = load_settings({"OTEL_EBPF_RETRY_QUEUE_SIZE": "16K", "OTEL_EBPF_SPOOL_DIR": "/var/spool/x",
+                              "OTEL_EBPF_SPOOL_SIZE": "2M"})
+    assert (settings.retry_queue_size, settings.spool_dir, settings.spool_size) == (16 << 10, "/var/spool/x", 2 << 20)
+    defaults = load_settings({})
+    assert (defaults.retry_queue_size, defaults.spool_dir, defaults.spool_size) == (64 << 20, None, 256 << 20)
+    for variable, value, reason in [("OTEL_EBPF_RETRY_QUEUE_SIZE", "lots", "suffix K or M"),
+                                    ("OTEL_EBPF_SPOOL_SIZE", "0", "greater than 0")]:
+        with pytest.raises(UserError, match=f"{variable}='{value}' is invalid: .*{reason}"):
+            load_settings({variable: value})
+
+
+def test_span_exporter_announces_what_an_earlier_run_spooled(receiver, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="otel_ebpf.export")
+    RetryQueue(1 << 20, str(tmp_path)).push(encode(["old"]), 1)
+    settings = load_settings({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.http_endpoint,
+                              "OTEL_EBPF_SPOOL_DIR": str(tmp_path)})
+    exporter = span_exporter(settings)
+    try:
+        receiver.wait_for_spans(1)
+    finally:
+        exporter.close()
+    assert [r.getMessage() for r in caplog.records] == [f"1 spans an earlier run left in {tmp_path} are sent first"]

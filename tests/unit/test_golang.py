@@ -2,6 +2,7 @@
 checked against the Go tool, nm and objdump."""
 
 import dataclasses
+import os
 import re
 import signal
 import subprocess
@@ -220,6 +221,16 @@ def test_tail_call_target_is_the_called_function(shapes):
 def test_unknown_size_is_refused(shapes):
     symbol = dataclasses.replace(function(shapes, "leaf"), size=0)
     with pytest.raises(UserError, match="size is unknown"):
+        golang.return_sites(shapes, symbol)
+
+
+@pytest.mark.parametrize("offset, size", [(None, 2), (0, 1 << 40), (1 << 40, 16), (1 << 63, 16)],
+                         ids=["one_byte_past_the_end", "huge_size", "offset_past_the_end", "offset_past_2**63"])
+def test_code_outside_the_file_is_refused(shapes, offset, size):
+    """Offsets and sizes come from the binary's headers, so damaged ones must end in a UserError, not a seek error."""
+    end = os.path.getsize(shapes)
+    symbol = dataclasses.replace(function(shapes, "leaf"), offset=end - 1 if offset is None else offset, size=size)
+    with pytest.raises(UserError, match=r"cannot trace leaf in .*: its code is not all in the file"):
         golang.return_sites(shapes, symbol)
 
 

@@ -29,7 +29,7 @@ def encoder():
 
 def event(**kw):
     base = dict(kind=1, start_ns=1_000, end_ns=2_500, trace_id=bytes(range(16)), span_id=b"\x01" * 8,
-                parent_span_id=bytes(8), pid=4242, tid=4243, probe_id=0, depth=0, pad=0, goroutine_id=0)
+                parent_span_id=bytes(8), pid=4242, tid=4243, probe_id=0, depth=0, process_seq=0, goroutine_id=0)
     base.update(kw)
     return SpanEvent(**base)
 
@@ -73,6 +73,14 @@ def test_round_trip_through_opentelemetry_proto(encoder):
     assert other.trace_id == b"\xff" * 16
 
 
+def test_a_reused_pid_is_another_process(encoder):
+    """The kernel numbers processes (process_seq): the new owner of a pid gets its own resource."""
+    encoder.remember_process(ProcessInfo(4242, "/usr/bin/successor", "successor"), process_seq=7)
+    request = ExportTraceServiceRequest.FromString(encoder.encode([event(), event(process_seq=7, span_id=b"\x02" * 8)]))
+    executables = [attrs(rs.resource.attributes)["process.executable.path"] for rs in request.resource_spans]
+    assert executables == ["/srv/app", "/usr/bin/successor"]
+
+
 def test_service_name_precedence(encoder):
     assert encoder.resource_attributes(4242)["service.name"] == "app"
     named = SpanEncoder(PROBES, WallClock(), "checkout", {"service.name": "ignored"})
@@ -82,7 +90,7 @@ def test_service_name_precedence(encoder):
 
 
 def test_unknown_process_is_read_from_proc(encoder):
-    encoder.process(os.getpid())
+    encoder.process(os.getpid(), 0)
     resource = encoder.resource_attributes(os.getpid())
     assert resource["process.executable.path"] == os.path.realpath("/proc/self/exe")
     assert "pytest" in resource["process.command_line"]
