@@ -76,7 +76,8 @@ def test_sidecar_traces_every_process_and_shared_libraries(tracer, receiver, tmp
 
 
 def test_pid_traces_that_process_only(tracer, receiver, tmp_path):
-    target = run_nested(tmp_path, "target", 2, 2, NESTED_START_DELAY_MS="3000")
+    # Long enough for the tracer to be ready on a loaded 2-core machine (it took up to 6 s under load).
+    target = run_nested(tmp_path, "target", 2, 2, NESTED_START_DELAY_MS="12000")
     t = tracer(["trace", str(NESTED), "fib", "--pid", str(target.pid)], **endpoint_env(receiver, "grpc"))
     t.wait_ready()
     bystander = run_nested(tmp_path, "bystander", 1, 2)

@@ -289,7 +289,7 @@ def test_invalid_argument_names_the_argument():
 
 def test_settings_doc_lists_every_variable_once():
     names = [name for name, _, _ in config.SETTINGS_DOC]
-    assert len(names) == len(set(names)) == 46
+    assert len(names) == len(set(names)) == 49
     assert (config.OTEL_EBPF_RING_BUFFER_SIZE, "8M") in [row[:2] for row in config.SETTINGS_DOC]
     assert (SAMPLER, "parentbased_always_on") in [row[:2] for row in config.SETTINGS_DOC]
     assert all(meaning for _, _, meaning in config.SETTINGS_DOC)
