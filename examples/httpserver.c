@@ -23,6 +23,7 @@
  * returned the request's first bytes, end right after its response's write(). */
 #define _GNU_SOURCE
 #include "groundtruth.h"
+#include "work.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -62,22 +63,6 @@ static long long realtime_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-TRACED long fib(int n)
-{
-    struct gt_call call = gt_enter();
-    long result = n < 2 ? n : fib(n - 1) + fib(n - 2);
-    gt_exit("fib", &call);
-    return result;
-}
-
-TRACED long compute(int n)
-{
-    struct gt_call call = gt_enter();
-    long result = fib(n);
-    gt_exit("compute", &call);
-    return result;
 }
 
 /* n from "n=K" among the &-separated parameters; -1 when missing or out of range. */

@@ -14,6 +14,7 @@
 #define _GNU_SOURCE
 #include "greet.h"
 #include "groundtruth.h"
+#include "work.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -32,22 +33,6 @@ static void sleep_ms(long ms)
     struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
     while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
         ;
-}
-
-TRACED long fib(int n)
-{
-    struct gt_call call = gt_enter();
-    long result = n < 2 ? n : fib(n - 1) + fib(n - 2);
-    gt_exit("fib", &call);
-    return result;
-}
-
-TRACED long compute(int n)
-{
-    struct gt_call call = gt_enter();
-    long result = fib(n);
-    gt_exit("compute", &call);
-    return result;
 }
 
 /* Turns a request id into the size of the work: fib(3), fib(4) or fib(5). */

@@ -128,6 +128,8 @@ def parse_probes(text: str, source: str = OTEL_EBPF_PROBES) -> list[ProbeSpec]:
             raise UserError(f"{source}: unbalanced brackets in {rest.strip()!r}", "check the (), <> and []")
         if not symbols:
             raise UserError(f"{source}: entry {entry!r} names no symbols", _PROBES_HINT)
+        if any(symbol.startswith(":") for symbol in symbols):  # "x: :f" would read back as "x::f"
+            raise UserError(f"{source}: a symbol in {entry!r} starts with ':'", _PROBES_HINT)
         specs.append(ProbeSpec(binary.strip(), tuple(symbols)))
     return specs
 
