@@ -44,14 +44,26 @@ static __always_inline void remember_write(int fd, const void *buf)
 	pending_writes.update(&id, &io);
 }
 
+/* The arguments remembered at the syscall's entry, if any: each serves one exit. */
+static __always_inline int take_pending(int write, __u64 id, struct pending_io *io)
+{
+	struct pending_io *pending = write ? pending_writes.lookup(&id) : pending_reads.lookup(&id);
+	if (!pending)
+		return 0;
+	*io = *pending;
+	if (write)
+		pending_writes.delete(&id);
+	else
+		pending_reads.delete(&id);
+	return 1;
+}
+
 static __always_inline void on_read(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io *pending = pending_reads.lookup(&id);
-	if (!pending)
+	struct pending_io io;
+	if (!take_pending(0, id, &io))
 		return;
-	struct pending_io io = *pending;
-	pending_reads.delete(&id);
 	if (ret < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
 		return;
 	struct connection_key conn = {.tgid = id >> 32, .fd = io.fd};
@@ -138,11 +150,9 @@ static __always_inline void finish_request(int fd, const void *buf, long length)
 static __always_inline void on_write(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io *pending = pending_writes.lookup(&id);
-	if (!pending)
+	struct pending_io io;
+	if (!take_pending(1, id, &io))
 		return;
-	struct pending_io io = *pending;
-	pending_writes.delete(&id);
 	if (ret > 0)
 		finish_request(io.fd, (void *)io.buf, ret);
 }

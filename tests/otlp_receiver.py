@@ -52,6 +52,17 @@ def any_value(value: AnyValue):
     return getattr(value, kind) if kind else None
 
 
+def _flatten(requests, resources: str, scopes: str, items: str) -> list[tuple[dict, object]]:
+    """(resource attributes, item) for every span or metric in export requests: both signals nest alike."""
+    out = []
+    for request in requests:
+        for group in getattr(request, resources):
+            attributes = {kv.key: any_value(kv.value) for kv in group.resource.attributes}
+            for scope in getattr(group, scopes):
+                out.extend((attributes, item) for item in getattr(scope, items))
+    return out
+
+
 class _Failures:
     """What to answer instead of success, for a given number of upcoming requests."""
 
@@ -171,14 +182,7 @@ class OtlpReceiver:
     def spans(self) -> list[tuple[dict, Span]]:
         """Every received span with its resource attributes, in arrival order."""
         with self._cond:
-            requests = list(self.requests)
-        out = []
-        for request in requests:
-            for resource_spans in request.resource_spans:
-                attributes = {kv.key: any_value(kv.value) for kv in resource_spans.resource.attributes}
-                for scope_spans in resource_spans.scope_spans:
-                    out.extend((attributes, span) for span in scope_spans.spans)
-        return out
+            return _flatten(self.requests, "resource_spans", "scope_spans", "spans")
 
     def wait_for_spans(self, n: int, timeout: float = 5.0) -> list[tuple[dict, Span]]:
         """Block until at least ``n`` spans arrived; fail the test with what did arrive otherwise."""
@@ -200,14 +204,7 @@ class OtlpReceiver:
     def metrics(self) -> list[tuple[dict, Metric]]:
         """Every received metric with its resource attributes, in arrival order."""
         with self._cond:
-            requests = list(self.metric_requests)
-        out = []
-        for request in requests:
-            for resource_metrics in request.resource_metrics:
-                attributes = {kv.key: any_value(kv.value) for kv in resource_metrics.resource.attributes}
-                for scope_metrics in resource_metrics.scope_metrics:
-                    out.extend((attributes, metric) for metric in scope_metrics.metrics)
-        return out
+            return _flatten(self.metric_requests, "resource_metrics", "scope_metrics", "metrics")
 
     def wait_for_metric(
         self, name: str, predicate: Callable[[Metric], bool] = lambda metric: True, timeout: float = 5.0
