@@ -40,6 +40,3 @@ class WallClock:
     def maybe_refresh(self) -> None:
         if time.monotonic_ns() - self._measured_at >= self._refresh_ns:
             self.refresh()
-
-    def to_unix_ns(self, monotonic_ns: int) -> int:
-        return monotonic_ns + self.offset_ns

@@ -295,21 +295,10 @@ class ExitShape:
     undecodable: int | None  # first address that is not a valid instruction
 
 
-def return_sites(binary: str, symbol: FunctionSymbol) -> list[int]:
-    """Virtual addresses of every ret instruction of symbol, where entry-style return probes go.
-
-    UserError, naming the function and the reason, for the shapes the module docstring lists.
-    """
-    return list(traceable_shape(binary, symbol).returns)
-
-
-def entry_site(binary: str, symbol: FunctionSymbol) -> int:
-    """Virtual address where each call of symbol begins exactly once: past Go's stack-growth check."""
-    return traceable_shape(binary, symbol).entry
-
-
 def traceable_shape(binary: str, symbol: FunctionSymbol) -> ExitShape:
-    """Entry and returns of symbol from one disassembly; UserError for the refused shapes."""
+    """Entry and returns of symbol from one disassembly: `entry` is where each call begins exactly once
+    (past Go's stack-growth check), `returns` every ret, where entry-style return probes go. UserError,
+    naming the function and the reason, for the shapes the module docstring lists."""
     name = symbol.demangled
     if symbol.size <= 0:
         raise UserError(f"cannot trace {name} in {binary}: its size is unknown, so its returns cannot be found",

@@ -83,7 +83,7 @@ def plan(binary: str, functions: list[FunctionSymbol]) -> list[Probe]:
     probes = []
     for f in functions:
         shape = golang.traceable_shape(binary, f)
-        probes.append(Probe(binary, f, shape.entry, tuple(shape.returns), goid_offset))
+        probes.append(Probe(binary, f, shape.entry, shape.returns, goid_offset))
     return probes
 
 

@@ -154,7 +154,7 @@ def test_go_patterns_resolve(binary):
 @pytest.mark.parametrize("binary", GO_BUILDS, ids=lambda path: path.name)
 def test_go_return_sites_are_objdumps_rets(binary, name):
     symbol = function(binary, name)
-    sites = golang.return_sites(str(binary), symbol)
+    sites = list(golang.traceable_shape(str(binary), symbol).returns)
     assert sites == objdump_returns(binary, symbol)
     assert len(sites) >= 2  # the normal return, and the one after runtime.deferreturn
     for site in sites:
@@ -168,7 +168,7 @@ def test_go_entry_site_is_past_the_stack_growth_check(name):
     block that calls runtime.morestack, then jumps back to the first instruction. Nothing after it jumps
     back to it or before it."""
     symbol = function(GOAPP, name)
-    entry = golang.entry_site(str(GOAPP), symbol)
+    entry = golang.traceable_shape(str(GOAPP), symbol).entry
     instructions = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION_LINE.match, objdump(GOAPP, symbol))
                     if m]
     prologue = [text for address, text in instructions if address < entry]
@@ -186,7 +186,7 @@ def test_go_entry_site_is_past_the_stack_growth_check(name):
 @pytest.mark.parametrize("binary", GO_BUILDS, ids=lambda path: path.name)
 def test_go_function_that_never_returns_is_refused(binary):
     with pytest.raises(UserError, match=r"runtime\.goexit.*no ret instruction: it never returns"):
-        golang.return_sites(str(binary), function(binary, "runtime.goexit"))
+        golang.traceable_shape(str(binary), function(binary, "runtime.goexit"))
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["symbol_size", "up_to_next_function"])
@@ -196,9 +196,9 @@ def test_c_function_with_endbr64_and_two_returns(shapes, padded):
     if padded:
         symbol = dataclasses.replace(symbol, size=function(shapes, "tail").address - symbol.address)
     assert file_bytes(shapes, symbol.offset, 4) == b"\xf3\x0f\x1e\xfa"
-    sites = golang.return_sites(shapes, symbol)
+    sites = list(golang.traceable_shape(shapes, symbol).returns)
     assert sites == objdump_returns(shapes, function(shapes, "leaf")) and len(sites) == 2
-    assert golang.entry_site(shapes, symbol) == symbol.address + 4
+    assert golang.traceable_shape(shapes, symbol).entry == symbol.address + 4
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -208,7 +208,7 @@ def test_c_function_with_endbr64_and_two_returns(shapes, padded):
 ])
 def test_c_shapes_that_cannot_be_traced_are_refused(shapes, name, reason):
     with pytest.raises(UserError, match=reason):
-        golang.return_sites(shapes, function(shapes, name))
+        golang.traceable_shape(shapes, function(shapes, name))
 
 
 def test_tail_call_target_is_the_called_function(shapes):
@@ -221,7 +221,7 @@ def test_tail_call_target_is_the_called_function(shapes):
 def test_unknown_size_is_refused(shapes):
     symbol = dataclasses.replace(function(shapes, "leaf"), size=0)
     with pytest.raises(UserError, match="size is unknown"):
-        golang.return_sites(shapes, symbol)
+        golang.traceable_shape(shapes, symbol)
 
 
 @pytest.mark.parametrize("offset, size", [(None, 2), (0, 1 << 40), (1 << 40, 16), (1 << 63, 16)],
@@ -231,7 +231,7 @@ def test_code_outside_the_file_is_refused(shapes, offset, size):
     end = os.path.getsize(shapes)
     symbol = dataclasses.replace(function(shapes, "leaf"), offset=end - 1 if offset is None else offset, size=size)
     with pytest.raises(UserError, match=r"cannot trace leaf in .*: its code is not all in the file"):
-        golang.return_sites(shapes, symbol)
+        golang.traceable_shape(shapes, symbol)
 
 
 @pytest.mark.parametrize("code, field, expected", [
