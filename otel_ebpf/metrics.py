@@ -32,8 +32,8 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from otel_ebpf import __version__
-from otel_ebpf.export import Batch, FailureReport, Sink, close_all, deliver
-from otel_ebpf.spans import SCOPE_NAME
+from otel_ebpf.pipeline import Batch, FailureReport, Sink, close_all, deliver
+from otel_ebpf.otlp.encode import SCOPE_NAME
 
 logger = logging.getLogger("otel_ebpf.metrics")
 
@@ -226,8 +226,8 @@ class MetricsExporter:
     """Reads the totals every ``interval_s`` on a background thread and sends them to every sink; once more at shutdown.
 
     ``collect`` runs on that thread and returns (latencies, counters) as MetricsEncoder.encode takes them.
-    Sinks are those of export.py: a ConsoleSink(str) prints the lines of MetricsEncoder.format, an OTLP
-    transport made for signal "metrics" sends the encoded request.
+    Sinks are those of pipeline.py: a ConsoleSink(line_per_item(str)) prints the lines of MetricsEncoder.format,
+    an OTLP transport made for signal "metrics" sends the encoded request.
     """
 
     def __init__(
@@ -278,7 +278,7 @@ class MetricsExporter:
             logger.debug("collecting metrics raised", exc_info=True)
             self._report.failed(0, f"reading the totals failed: {type(exc).__name__}: {exc}")
             return
-        batch = Batch(lines, lambda _lines: self._encoder.encode(latencies, counters, now_ns))
+        batch = Batch([lines], lambda _chunks: self._encoder.encode(latencies, counters, now_ns))
         _, failure = deliver(self._sinks, batch, deadline)
         if failure is None:
             self._report.succeeded()

@@ -12,7 +12,6 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
 from otel_ebpf import __version__
-from otel_ebpf.export import ConsoleSink, GrpcTransport, HttpTransport
 from otel_ebpf.metrics import (
     BOUNDS_S,
     DURATION,
@@ -23,12 +22,17 @@ from otel_ebpf.metrics import (
     quantile_ns,
     sidecar_resource,
 )
+from otel_ebpf.otlp.transport import GrpcTransport, HttpTransport
+from otel_ebpf.pipeline import ConsoleSink, line_per_item
 from tests.otlp_receiver import OtlpReceiver, any_value
+from tests.waiting import never_within, wait_until
 
 START_NS = 1_700_000_000_000_000_000
 NOW_NS = START_NS + 60_000_000_000
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 UNRECORDED = {"ring_buffer_full": 1, "depth_exceeded": 2, "unmatched_return": 0}
+# Long enough to see a metrics request arrive, which a positive control checks before a test relies on it.
+QUIET_S = 0.5
 
 
 def kernel_bucket(ns: int) -> int:
@@ -205,12 +209,6 @@ class Totals:
             return [latency("handle", [1000] * self.calls)], {"otel_ebpf.calls.unrecorded": {"depth_exceeded": 0}}
 
 
-@pytest.fixture
-def receiver():
-    with OtlpReceiver() as r:
-        yield r
-
-
 def transport(kind, receiver, **kwargs):
     options = dict(headers={}, timeout_s=2.0, signal="metrics", backoff_s=0.01, max_backoff_s=0.05) | kwargs
     if kind == "grpc":
@@ -238,11 +236,19 @@ def test_exports_periodically_and_once_more_at_shutdown(kind, receiver):
 
 
 def test_shutdown_exports_without_waiting_for_the_interval(receiver):
-    totals = Totals()
-    console = io.StringIO()
-    exporter = MetricsExporter(totals.collect, encoder(), [transport("http", receiver), ConsoleSink(str, console)],
-                               interval_s=60, timeout_s=2)
-    time.sleep(0.1)
+    def exporter_to(target, interval_s):
+        """An exporter to ``target`` and to a console, and that console."""
+        console = io.StringIO()
+        sinks = [transport("http", target), ConsoleSink(line_per_item(str), console)]
+        return MetricsExporter(Totals().collect, encoder(), sinks, interval_s=interval_s, timeout_s=2), console
+
+    with OtlpReceiver() as control:
+        early, _ = exporter_to(control, interval_s=0.01)
+        wait_until(lambda: control.metric_requests, "a request once the interval passed", timeout_s=QUIET_S)
+        early.shutdown(5)
+
+    exporter, console = exporter_to(receiver, interval_s=60)
+    never_within(lambda: receiver.metric_requests, "a request arrived before the interval passed", QUIET_S)
     assert receiver.metric_requests == []
 
     start = time.monotonic()
