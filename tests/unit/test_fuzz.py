@@ -28,7 +28,8 @@ from elftools.elf.sections import SymbolTableSection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otel_ebpf import config, golang, symbols
+from otel_ebpf import config, symbols
+from otel_ebpf.symbols import golang
 from otel_ebpf import probes as planning
 from otel_ebpf.errors import UserError
 from tests.ground_truth import GOAPP, GOAPP_STRIPPED, LIBGREET, NESTED, build_examples
@@ -111,7 +112,7 @@ def test_any_environment_gives_settings_or_names_the_bad_variable(env):
         loaded = config.load_settings(env)
     except UserError as err:
         assert_one_line(err)
-        named = re.findall(r"\bOTEL_[A-Z_]+", err.message)
+        named = re.findall(r"\b(?:OTEL|DEBUGINFOD|XDG)_[A-Z_]+", err.message)
         assert set(named) & {name for name, value in env.items() if value.strip()}, err.message
         if " is invalid: " in err.message:  # then it starts with the variable and the value as the user gave it
             assert err.message.startswith(f"{named[0]}={env[named[0]].strip()!r} is invalid: "), err.message
@@ -371,9 +372,9 @@ def executable_segment(path: Path) -> int:
                     if segment["p_type"] == "PT_LOAD" and segment["p_flags"] & 1)
 
 
-# Bugs FUZZ_DEEP=1 found in otel_ebpf/golang.py, reduced to one field each: go_version, asked about every binary,
-# took any section named .symtab for a symbol table (AttributeError); traceable_shape sought to a function's file
-# offset unchecked (ValueError past 2**63, OSError past the file system's largest file).
+# Bugs FUZZ_DEEP=1 found in otel_ebpf/symbols/golang.py, reduced to one field each: go_version, asked about every
+# binary, took any section named .symtab for a symbol table (AttributeError); traceable_shape sought to a function's
+# file offset unchecked (ValueError past 2**63, OSError past the file system's largest file).
 @pytest.mark.parametrize("name, field, value", [
     ("libgreet.so", ".symtab sh_type", 1),
     ("goapp-stripped", f"segment {executable_segment(GOAPP_STRIPPED)} p_offset", 1 << 63),
@@ -413,7 +414,7 @@ def damaged_go_dwarf(damage: str) -> bytes:
     return damaged(data, [(section["sh_offset"] + 8, 8, (1 << 64) - 1)])  # Elf64_Chdr.ch_size: too large for zlib
 
 
-# Bugs found here in otel_ebpf/golang.py: goid_offset let through zlib.error for a damaged compressed section,
+# Bugs found here in otel_ebpf/symbols/golang.py: goid_offset let through zlib.error for a damaged compressed section,
 # AssertionError for bad DWARF, MemoryError or OverflowError for a huge size. It is best effort: 0 for unknown.
 @pytest.mark.parametrize("damage", ["compressed bytes", "compression flag", "sh_size 2**40", "sh_size 2**64-1",
                                     "ch_size 2**64-1"])
@@ -449,6 +450,7 @@ def cli_binaries(workdir) -> dict[str, str]:
 
 
 LINE = re.compile(r"0x[0-9a-f]{12} +\d+  \S.*")
+SOURCE_LINE = re.compile(r"otel-ebpf: symbols of .+ from .+\n")
 
 
 @fuzz(examples=8, deadline_s=60)
@@ -460,12 +462,14 @@ def test_symbols_command_exits_0_or_2_with_one_line(binary, pattern, extra, env,
     FUZZED["command lines"] += 1
     argv = [cli_binaries[binary], *([] if pattern is None else [pattern]), *extra]
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    environ["HOME"] = str(cli_binaries["directory"])  # the symbol cache goes to ~/.cache unless XDG_CACHE_HOME says
     environ.update({k: v.replace("\0", "") for k, v in env.items()})
     result = subprocess.run([sys.executable, "-m", "otel_ebpf", "symbols", *argv], env=environ, capture_output=True,
                             text=True, errors="replace", timeout=60)
     assert "Traceback" not in result.stderr, result.stderr
     if result.returncode == 0:
-        assert not result.stderr and all(LINE.fullmatch(line) for line in result.stdout.splitlines()), result
+        assert SOURCE_LINE.fullmatch(result.stderr), result
+        assert all(LINE.fullmatch(line) for line in result.stdout.splitlines()), result
     else:
         assert result.returncode == 2, result
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("otel-ebpf: error: "), result.stderr

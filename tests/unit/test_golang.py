@@ -1,4 +1,4 @@
-"""otel_ebpf.golang on the real Go example (with and without .symtab) and on C compiled on the spot,
+"""otel_ebpf.symbols.golang on the real Go example (with and without .symtab) and on C compiled on the spot,
 checked against the Go tool, nm and objdump."""
 
 import dataclasses
@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
@@ -13,8 +14,9 @@ from collections import Counter, defaultdict
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from otel_ebpf import golang, symbols
+from otel_ebpf import symbols
 from otel_ebpf.errors import UserError
+from otel_ebpf.symbols import golang
 from tests.ground_truth import (GO_TRACED_FUNCTIONS, GOAPP, GOAPP_STRIPPED, LIBGREET, NESTED, build_examples,
                                 expected_go_counts, parse)
 
@@ -125,9 +127,11 @@ def test_pclntab_lists_every_function_of_the_symbol_table():
     main = [f for f in table if f.name.startswith("main.")]
     assert {f.name for f in main} >= set(GO_TRACED_FUNCTIONS)
     assert all(f.name in names_at[f.entry] for f in main)
-    # Each function ends where the next one starts; the last one at runtime.etext.
+    # Each function ends where the next one starts; the last one at runtime.etext, or (go1.26) where its code
+    # ends, runtime.etext then following at the next 16-byte boundary.
     assert [f.end for f in table[:-1]] == [f.entry for f in table[1:]]
-    assert {table[-1].end} == etext
+    (end_of_text,) = etext
+    assert 0 <= end_of_text - table[-1].end < 16
 
 
 def test_stripped_binary_resolves_the_same_go_functions():
@@ -292,3 +296,56 @@ def check_goroutine_trees(calls):
         assert parent.fn in callers[call.fn], (parent, call)
         assert parent.start <= call.start <= call.end <= parent.end, (parent, call)
 
+
+
+# --- globs that keep going ---
+
+@pytest.mark.parametrize("binary", GO_BUILDS, ids=lambda path: path.name)
+def test_glob_probes_the_traceable_matches_and_reports_the_others(binary):
+    matches = symbols.resolve_each(str(binary), ["runtime.m*", "main.fib"])
+    selection = golang.select_traceable(str(binary), matches, shown="goapp")
+    matched = {f.address for _, functions in matches for f in functions}
+    refused = {r.function.address for r in selection.refused}
+    traceable = {f.address for f, _ in selection.traceable}
+    assert refused and traceable and refused | traceable == matched and not refused & traceable
+    for function, shape in selection.traceable:
+        assert golang.traceable_shape(str(binary), function) == shape
+    for refusal in selection.refused:
+        with pytest.raises(UserError) as err:
+            golang.traceable_shape(str(binary), refusal.function, shown="goapp")
+        assert str(err.value) == str(refusal.error)
+    glob_matches = len(matches[0][1])
+    assert selection.warning.startswith(
+        f"skipping {len(refused)} of the {glob_matches} functions matching 'runtime.m*' in goapp that cannot be "
+        f"traced: ")
+    assert selection.warning.endswith("; see `otel-ebpf symbols goapp 'runtime.m*'`")
+    reasons = re.findall(r"([a-z][a-z0-9 -]+): (\d+) \(", selection.warning)
+    assert sum(int(count) for _, count in reasons) == len(refused)
+    assert {why for why, _ in reasons} == {r.why for r in selection.refused}
+
+
+def test_exact_name_that_cannot_be_traced_stays_an_error():
+    matches = symbols.resolve_each(str(GOAPP), ["main.fib", "runtime.goexit"])
+    with pytest.raises(UserError, match=r"cannot trace runtime\.goexit(\.abi0)? in goapp: it has no ret instruction"):
+        golang.select_traceable(str(GOAPP), matches, shown="goapp")
+
+
+def test_glob_with_no_traceable_match_is_an_error():
+    refused = golang.select_traceable(str(GOAPP), symbols.resolve_each(str(GOAPP), ["runtime.m*"])).refused
+    name = next(r.function.demangled for r in refused if not re.search(r"[*?\[]", r.function.demangled))
+    only = f"{name[:-1]}[{name[-1]}]"
+    with pytest.raises(UserError, match=rf"no function matching {re.escape(repr(only))} in .* can be traced "
+                                        r"\(1 matched\)"):
+        golang.select_traceable(str(GOAPP), symbols.resolve_each(str(GOAPP), [only]))
+
+
+def test_symbols_command_marks_what_cannot_be_traced(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "otel_ebpf", "symbols", str(GOAPP_STRIPPED), "runtime.m*"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"otel-ebpf: symbols of {GOAPP_STRIPPED} from its Go function table")
+    marked = dict(re.findall(r"  (\S+)  \[not traceable: ([^\]]+)\]$", result.stdout, re.MULTILINE))
+    selection = golang.select_traceable(str(GOAPP_STRIPPED), symbols.resolve_each(str(GOAPP_STRIPPED), ["runtime.m*"]))
+    assert marked == {r.function.demangled: r.why for r in selection.refused}
+    assert len(result.stdout.splitlines()) == len(selection.refused) + len(selection.traceable)

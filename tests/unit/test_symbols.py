@@ -1,9 +1,12 @@
 """otel_ebpf.symbols against small programs compiled on the spot, checked against binutils' view."""
 
+import ctypes
 import os
 import random
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,7 +218,7 @@ def test_relative_symlink_resolves_to_real_path(bins, tmp_path, monkeypatch):
 
 
 def test_without_cxxfilt_names_stay_raw(bins, tmp_path, monkeypatch):
-    copy = tmp_path / "copy.so"  # a new path, so nothing cached from the other tests applies
+    copy = tmp_path / "copy.so"  # a new path, so nothing cached in this process applies (and no cache on disk)
     shutil.copy(bins["cpp"], copy)
     monkeypatch.setenv("PATH", str(tmp_path))
     fn = by_name(str(copy))["_ZN2ns3Foo3barEi"]
@@ -241,3 +244,126 @@ def test_rust_names_are_demangled_without_hashes(tmp_path, mangling):
     assert fn.demangled in {"prog::server::Srv::handle", "<prog::server::Srv>::handle"}
     assert fn.name.startswith("_R" if mangling == "v0" else ("_ZN", "_R"))
     assert symbols.resolve(str(tmp_path / "prog"), [fn.demangled]) == [fn]
+
+
+# --- IFUNCs: the implementation the resolver picks on this machine ---
+
+IFUNC_C = """
+__attribute__((noinline, used)) static int __twice_generic(int x) { return 2 * x; }
+__attribute__((noinline, used)) static int __twice_fast(int x) { return x << 1; }
+static int (*twice_resolver(void))(int) { return __twice_fast; }
+int twice(int x) __attribute__((ifunc("twice_resolver")));
+int call_twice(int x) { return twice(x) + 1; }
+"""
+LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+
+
+@pytest.fixture(scope="module")
+def ifunc_libs(tmp_path_factory) -> dict[str, str]:
+    """The IFUNC library twice: one copy this process loads, one it never loads, and a stripped one."""
+    workdir = tmp_path_factory.mktemp("ifunc")
+    (workdir / "ifunc.c").write_text(IFUNC_C)
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", "libtwice.so", "ifunc.c"], cwd=workdir, check=True)
+    shutil.copy(workdir / "libtwice.so", workdir / "libtwice-loaded.so")
+    subprocess.run(["strip", "--strip-all", "-o", "libtwice-stripped.so", "libtwice.so"], cwd=workdir, check=True)
+    return {name: str(workdir / f"libtwice{suffix}.so")
+            for name, suffix in (("unloaded", ""), ("loaded", "-loaded"), ("stripped", "-stripped"))}
+
+
+def libc6_dbg_installed() -> None:
+    if not any(f.name.startswith("__strlen_") for f in symbols.list_functions(LIBC)):
+        pytest.fail("no __strlen_* in libc's symbols: `make setup` should have installed Debian's libc6-dbg")
+
+
+def assert_is_the_code_running_here(binary: str, function: symbols.FunctionSymbol, name: str) -> None:
+    """The bytes at the pick's file offset are the bytes this process runs when it calls name."""
+    runtime = ctypes.cast(getattr(ctypes.CDLL(binary), name), ctypes.c_void_p).value
+    size = function.size or 16
+    assert ctypes.string_at(runtime, size) == Path(binary).read_bytes()[function.offset:function.offset + size]
+
+
+def test_ifunc_of_a_library_loaded_here_is_its_implementation(ifunc_libs):
+    ctypes.CDLL(ifunc_libs["loaded"])
+    (pick,) = symbols.resolve(ifunc_libs["loaded"], ["twice"])
+    assert (pick.ifunc, pick.name) == ("twice", "__twice_fast")
+    assert_is_the_code_running_here(ifunc_libs["loaded"], pick, "twice")
+
+
+def test_ifunc_of_a_library_not_loaded_here_names_the_implementations(ifunc_libs):
+    with pytest.raises(UserError, match=r"twice in .*libtwice\.so is an IFUNC") as err:
+        symbols.resolve(ifunc_libs["unloaded"], ["twice"])
+    assert err.value.hint == "trace its implementations instead: __twice_fast, __twice_generic"
+    # A glob goes on with what it can trace.
+    assert [f.name for f in symbols.resolve(ifunc_libs["unloaded"], ["*twice*"])] == [
+        "__twice_fast", "__twice_generic", "call_twice", "twice_resolver"]
+
+
+def test_ifunc_of_a_stripped_library_not_loaded_says_what_to_install(ifunc_libs):
+    with pytest.raises(UserError, match="is an IFUNC") as err:
+        symbols.resolve(ifunc_libs["stripped"], ["twice"])
+    assert "its implementations" in err.value.hint and "DEBUGINFOD_URLS" in err.value.hint
+
+
+def test_strlen_is_the_implementation_this_machine_runs():
+    libc6_dbg_installed()
+    (pick,) = symbols.resolve(LIBC, ["strlen"])
+    assert pick.ifunc == "strlen" and pick.name.startswith("__strlen_") and pick.size > 0
+    assert_is_the_code_running_here(LIBC, pick, "strlen")
+    memmove = symbols.resolve(LIBC, ["memmove"])[-1]
+    assert memmove.ifunc == "memmove" and memmove.name.startswith("__memmove_")
+
+
+def test_strlen_of_another_copy_of_libc_names_its_implementations(tmp_path):
+    libc6_dbg_installed()
+    copy = tmp_path / "libc.so.6"  # same build id, so the same debug file, but not the file loaded here
+    shutil.copy(LIBC, copy)
+    with pytest.raises(UserError, match="strlen in .* is an IFUNC") as err:
+        symbols.resolve(str(copy), ["strlen"])
+    shown = err.value.hint.removeprefix("trace its implementations instead: ").removesuffix(", ...").split(", ")
+    assert shown and all(name.startswith("__strlen_") for name in shown), err.value.hint
+    assert "__strlen_sse2" in shown or err.value.hint.endswith(", ...")
+
+
+def test_symbols_command_shows_the_pick(tmp_path):
+    libc6_dbg_installed()
+    done = subprocess.run([sys.executable, "-m", "otel_ebpf", "symbols", LIBC, "strlen"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert re.fullmatch(r"0x[0-9a-f]{12} +\d+  strlen -> __strlen_\w+", line), line
+
+
+# --- did you mean: only plausibly related names ---
+
+UNRELATED_C = "int strtol(void) { return 1; }\nint setgrent(void) { return 2; }\nint strlen_impl(void) { return 3; }\n"
+
+
+def test_suggestions_are_only_plausibly_related(tmp_path):
+    (tmp_path / "u.c").write_text(UNRELATED_C)
+    subprocess.run(["gcc", "-fno-builtin", "-shared", "-fPIC", "-o", "libu.so", "u.c"], cwd=tmp_path, check=True)
+    library = str(tmp_path / "libu.so")
+    with pytest.raises(UserError) as err:
+        symbols.resolve(library, ["strlen"])
+    assert err.value.hint == "did you mean: strlen_impl"  # contains what was asked; strtol and setgrent do not
+    with pytest.raises(UserError) as err:
+        symbols.resolve(library, ["srttol"])
+    assert err.value.hint == "did you mean: strtol"  # two letters swapped
+    with pytest.raises(UserError) as err:
+        symbols.resolve(library, ["getpwent"])
+    assert "did you mean" not in err.value.hint
+
+
+# --- names as the user gave them ---
+
+def test_messages_name_the_binary_as_given(bins, tmp_path):
+    """Debian's /usr/bin/redis-server is a link to redis-check-rdb: whoever names redis-server must read it."""
+    target = tmp_path / "redis-check-rdb"
+    shutil.copy(bins["so"], target)
+    link = tmp_path / "redis-server"
+    link.symlink_to(target.name)
+    table = symbols.load(str(link))
+    assert (table.binary, table.path) == (str(link), str(target))
+    assert table.describe().startswith(f"symbols of {link} from its own symbol table")
+    with pytest.raises(UserError) as err:
+        table.resolve(["nope"])
+    assert str(link) in str(err.value) and "redis-check-rdb" not in str(err.value)

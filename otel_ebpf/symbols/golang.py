@@ -24,6 +24,9 @@ Refused shapes, each with a UserError that names the function and the reason:
 - code that runs past its end into the next function, bytes that do not disassemble as x86-64,
   and a function whose size is unknown.
 
+A glob over many functions (runtime.m*) keeps going past the ones refused: select_traceable gives the
+planner the rest, and sums the refused ones up in one warning line; a name given exactly stays an error.
+
 Padding after the last instruction (int3 or nop runs, as Go's linker and gas align functions) is not
 part of the function, and a leading ENDBR64 is skipped.
 
@@ -36,12 +39,15 @@ itself uses for stack traces (formats of go1.16 and later; runtime/symtab.go's p
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shlex
 import struct
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import capstone
 from capstone import x86
@@ -49,10 +55,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from .errors import UserError
-
-if TYPE_CHECKING:
-    from .symbols import FunctionSymbol
+from otel_ebpf.errors import UserError
+from otel_ebpf.symbols.elf import FunctionSymbol
 
 # pcHeader.magic per table format (runtime/symtab.go). go1.2 to go1.15 tables are not read: a stripped
 # binary that old is refused, and those releases predate the register ABI anyway.
@@ -68,6 +72,9 @@ _GO_MINOR = re.compile(r"go1\.(\d+)")
 _REGISTER_ABI_MINOR = 17
 _ENDBR64 = b"\xf3\x0f\x1e\xfa"
 _PADDING = (x86.X86_INS_INT3, x86.X86_INS_NOP)
+# Mnemonics of the instructions the shape rules tell apart, other than jumps (see _decode).
+_KINDS = {"ret": x86.X86_INS_RET, "call": x86.X86_INS_CALL, "int3": x86.X86_INS_INT3, "nop": x86.X86_INS_NOP,
+          "ud2": x86.X86_INS_UD2, "hlt": x86.X86_INS_HLT}
 _NO_FALLTHROUGH = (x86.X86_INS_RET, x86.X86_INS_JMP, x86.X86_INS_CALL, x86.X86_INS_INT3, x86.X86_INS_UD2,
                    x86.X86_INS_HLT)
 
@@ -162,22 +169,27 @@ def pclntab_functions(elf: ELFFile) -> list[GoFunction]:
     if magic not in (_PCLNTAB_GO116, _PCLNTAB_GO118, _PCLNTAB_GO120) or data[7:8] != b"\x08":
         raise UserError(f"{binary}: unknown Go function table format (magic {magic:#x})",
                         hint="otel-ebpf reads the tables of 64-bit binaries built by go1.16 and later")
+    text = elf.get_section_by_name(".text")
     try:
-        return _parse_pclntab(data, magic)
+        return _parse_pclntab(data, magic, text["sh_addr"] if text is not None else None)
     except (struct.error, IndexError, ValueError) as err:
         raise UserError(f"{binary}: the Go function table (.gopclntab) is corrupt ({err})",
                         hint="the binary may be damaged") from None
 
 
-def _parse_pclntab(data: bytes, magic: int) -> list[GoFunction]:
+def _parse_pclntab(data: bytes, magic: int, text_address: int | None) -> list[GoFunction]:
     """pcHeader: magic, 2 pad bytes, minLC, ptrSize, then pointer-sized words. go1.18 added textStart
-    (word 2) and made function addresses 32-bit offsets from it; go1.16 stores absolute addresses."""
+    (word 2) and made function addresses 32-bit offsets from it; go1.16 stores absolute addresses.
+
+    Recent linkers (seen with go1.26) leave textStart 0 for the runtime to fill in: then the .text section's
+    address is the base, as Go's own debug/gosym takes it."""
     words = struct.unpack_from("<8Q", data, 8)
     if magic == _PCLNTAB_GO116:
         nfunc, text_start, funcnames, functab = words[0], 0, words[2], words[6]
         field = "<Q"
     else:
-        nfunc, text_start, funcnames, functab = words[0], words[2], words[3], words[7]
+        nfunc, funcnames, functab = words[0], words[3], words[7]
+        text_start = words[2] or text_address or 0
         field = "<I"
     width = struct.calcsize(field)
 
@@ -295,24 +307,113 @@ class ExitShape:
     undecodable: int | None  # first address that is not a valid instruction
 
 
-def traceable_shape(binary: str, symbol: FunctionSymbol) -> ExitShape:
+@dataclass(frozen=True)
+class Refusal:
+    """Why one function cannot be traced: `why` in a few words, for lists; `error` the whole one-line error."""
+
+    function: FunctionSymbol
+    why: str
+    error: UserError
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the planner probes for some patterns of one Go binary, and the one line that reports the rest."""
+
+    traceable: tuple[tuple[FunctionSymbol, ExitShape], ...]  # in pattern order, each address once
+    refused: tuple[Refusal, ...]  # matches of globs that cannot be traced
+    warning: str | None  # None when nothing was refused
+
+
+def traceable_shape(binary: str, symbol: FunctionSymbol, shown: str | None = None) -> ExitShape:
     """Entry and returns of symbol from one disassembly: `entry` is where each call begins exactly once
     (past Go's stack-growth check), `returns` every ret, where entry-style return probes go. UserError,
-    naming the function and the reason, for the shapes the module docstring lists."""
-    name = symbol.demangled
+    naming the function and the reason, for the shapes the module docstring lists; messages name the
+    binary as `shown` (the user's name for it)."""
+    result = examine(binary, symbol, shown)
+    if isinstance(result, Refusal):
+        raise result.error
+    return result
+
+
+def examine(binary: str, symbol: FunctionSymbol, shown: str | None = None) -> ExitShape | Refusal:
+    """traceable_shape without raising: the shape, or why the function cannot be traced."""
     if symbol.size <= 0:
-        raise UserError(f"cannot trace {name} in {binary}: its size is unknown, so its returns cannot be found",
-                        hint="use a build with a symbol table")
+        return _refused(symbol, shown or binary, "unknown size", "its size is unknown, so its returns cannot be found",
+                        "use a build with a symbol table")
     code = _file_bytes(binary, symbol.offset, symbol.size)
     if code is None:
-        raise UserError(f"cannot trace {name} in {binary}: its code is not all in the file",
-                        hint="its symbol size is wrong, or the binary is damaged")
+        return _refused(symbol, shown or binary, "code outside the file", "its code is not all in the file",
+                        "its symbol size is wrong, or the binary is damaged")
     shape = exit_shape(code, symbol.address)
     refusal = _refusal(shape)
-    if refusal:
-        reason, hint = refusal
-        raise UserError(f"cannot trace {name} in {binary}: {reason}", hint=hint)
-    return shape
+    return shape if refusal is None else _refused(symbol, shown or binary, *refusal)
+
+
+def select_traceable(binary: str, matches: list[tuple[str, list[FunctionSymbol]]],
+                     shown: str | None = None) -> Selection:
+    """The functions to probe for each pattern and its matches (symbols.resolve_each): a glob keeps going
+    past the matches that cannot be traced, which the warning reports; a name given exactly that cannot be
+    traced, or a glob none of whose matches can, is a UserError."""
+    shown = shown or binary
+    examined: dict[int, ExitShape | Refusal] = {}
+    traceable: dict[int, tuple[FunctionSymbol, ExitShape]] = {}
+    refused: dict[int, Refusal] = {}
+    globs: list[str] = []
+    for pattern, functions in matches:
+        for f in functions:
+            if f.address not in examined:
+                examined[f.address] = examine(binary, f, shown)
+        results = [examined[f.address] for f in functions]
+        exact = not any(char in pattern for char in "*?[") or any(pattern in (f.name, f.demangled) for f in functions)
+        refusals = [result for result in results if isinstance(result, Refusal)]
+        if exact and refusals:
+            raise refusals[0].error
+        if len(refusals) == len(results):
+            raise UserError(f"no function matching {pattern!r} in {shown} can be traced ({len(results)} matched): "
+                            f"{_breakdown(refusals)}", refusals[0].error.hint)
+        for function, result in zip(functions, results, strict=True):
+            if isinstance(result, Refusal):
+                refused.setdefault(function.address, result)
+            else:
+                traceable.setdefault(function.address, (function, result))
+        if refusals:
+            globs.append(pattern)
+    warning = None
+    if refused:
+        total = len({f.address for pattern, functions in matches if pattern in globs for f in functions})
+        patterns = ", ".join(repr(pattern) for pattern in globs)
+        listing = shlex.quote(globs[0]) if len(globs) == 1 else "PATTERN"
+        warning = (f"skipping {len(refused)} of the {total} functions matching {patterns} in {shown} that cannot be "
+                   f"traced: {_breakdown(list(refused.values()))}; see `otel-ebpf symbols {shown} {listing}`")
+    return Selection(tuple(traceable.values()), tuple(refused.values()), warning)
+
+
+def untraceable(binary: str, functions: list[FunctionSymbol]) -> dict[int, str]:
+    """By address, why each function that cannot be traced cannot, in a few words: for `otel-ebpf symbols`."""
+    try:
+        check_register_abi(binary)
+    except UserError:
+        version = go_version(binary) or "an unknown Go release"
+        return {f.address: f"built by {version}, before the register ABI of go1.17" for f in functions}
+    results = ((f.address, examine(binary, f)) for f in functions)
+    return {address: result.why for address, result in results if isinstance(result, Refusal)}
+
+
+def _breakdown(refusals: list[Refusal], names_each: int = 3) -> str:
+    """'no ret: 5 (runtime.mcall, runtime.morestack, ...); tail call: 2 (...)', most frequent reason first."""
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for refusal in refusals:
+        by_reason[refusal.why].append(refusal.function.demangled)
+    parts = []
+    for why, names in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
+        shown = ", ".join(sorted(names)[:names_each]) + (", ..." if len(names) > names_each else "")
+        parts.append(f"{why}: {len(names)} ({shown})")
+    return "; ".join(parts)
+
+
+def _refused(symbol: FunctionSymbol, shown: str, why: str, reason: str, hint: str) -> Refusal:
+    return Refusal(symbol, why, UserError(f"cannot trace {symbol.demangled} in {shown}: {reason}", hint=hint))
 
 
 def _file_bytes(binary: str, offset: int, size: int) -> bytes | None:
@@ -329,25 +430,27 @@ def _file_bytes(binary: str, offset: int, size: int) -> bytes | None:
     return code if len(code) == size else None
 
 
-def _refusal(shape: ExitShape) -> tuple[str, str] | None:
-    """Why entry-style probes would not pair up on this function, and what to do instead; None if they do."""
+def _refusal(shape: ExitShape) -> tuple[str, str, str] | None:
+    """Why entry-style probes would not pair up on this function (in a few words, then in full), and what to do
+    instead; None if they do."""
     callers = "trace its callers instead"
     if shape.undecodable is not None:
-        return (f"the bytes at {shape.undecodable:#x} are not x86-64 instructions",
+        return ("not x86-64 code", f"the bytes at {shape.undecodable:#x} are not x86-64 instructions",
                 "its symbol size may be wrong, or it is not code")
     if shape.falls_through:
-        return "its code runs past its end into the next function", "its symbol size may be wrong"
+        return "runs past its end", "its code runs past its end into the next function", "its symbol size may be wrong"
     if shape.jumps_out:
         address, target = shape.jumps_out[0]
-        return (f"it leaves through a jump to {target:#x} at {address:#x} (a tail call), so its return is "
-                "never seen", "trace the function it jumps to, or its callers")
+        return ("tail call", f"it leaves through a jump to {target:#x} at {address:#x} (a tail call), so its return "
+                "is never seen", "trace the function it jumps to, or its callers")
     if shape.indirect_jumps:
-        return (f"it jumps through a register or memory at {shape.indirect_jumps[0]:#x} (a jump table or a "
-                "tail call), which may leave it unseen", callers)
+        return ("indirect jump", f"it jumps through a register or memory at {shape.indirect_jumps[0]:#x} (a jump "
+                "table or a tail call), which may leave it unseen", callers)
     if shape.reentries:
-        return f"it jumps back to its start at {shape.reentries[0]:#x}, so one call would count as several", callers
+        return ("jumps back to its start",
+                f"it jumps back to its start at {shape.reentries[0]:#x}, so one call would count as several", callers)
     if not shape.returns:
-        return "it has no ret instruction: it never returns (like runtime.goexit or a panic helper)", callers
+        return "no ret", "it has no ret instruction: it never returns (like runtime.goexit or a panic helper)", callers
     return None
 
 
@@ -355,44 +458,66 @@ def exit_shape(code: bytes, address: int) -> ExitShape:
     """Disassemble one function (its bytes, loaded at address) and classify how it is entered and left."""
     start = address + len(_ENDBR64) if code.startswith(_ENDBR64) else address
     end = address + len(code)
-    instructions = list(_disassembler().disasm(code[start - address:], start))
+    instructions = _decode(code[start - address:], start)
     decoded_end = instructions[-1].address + instructions[-1].size if instructions else start
-    while instructions and instructions[-1].id in _PADDING:
+    while instructions and instructions[-1].kind in _PADDING:
         instructions.pop()
     entry, check = _stack_check(instructions, start)
-    jumps = [(insn.address, _jump_target(insn)) for insn in instructions
-             if insn.group(capstone.CS_GRP_JUMP) and insn.address not in check]
+    jumps = [(insn.address, insn.target) for insn in instructions if insn.jump and insn.address not in check]
     last = instructions[-1] if instructions else None
     return ExitShape(
         entry=entry,
-        returns=tuple(insn.address for insn in instructions if insn.id == x86.X86_INS_RET),
+        returns=tuple(insn.address for insn in instructions if insn.kind == x86.X86_INS_RET),
         jumps_out=tuple((source, target) for source, target in jumps
                         if target is not None and not address <= target < end),
         indirect_jumps=tuple(source for source, target in jumps if target is None),
         reentries=tuple(source for source, target in jumps
                         if target is not None and (address <= target <= entry or target in check)),
-        falls_through=last is not None and last.id not in _NO_FALLTHROUGH,
+        falls_through=last is not None and last.kind not in _NO_FALLTHROUGH,
         undecodable=decoded_end if decoded_end < end else None,
     )
 
 
-def _disassembler() -> capstone.Cs:
+class _Insn(NamedTuple):
+    """What the shape rules need of one instruction."""
+
+    address: int
+    size: int
+    kind: int | None  # capstone's instruction id for the ones the rules tell apart, else None
+    jump: bool  # in capstone's jump group
+    target: int | None  # a direct jump's target
+
+
+def _decode(code: bytes, start: int) -> list[_Insn]:
+    """The instructions of code loaded at start. Capstone's full detail costs several times a plain decode,
+    so only jumps get it (their group and operand); the rest is told apart by mnemonic (its last word, past
+    prefixes such as repz or bnd)."""
+    instructions = []
+    for address, size, mnemonic, _ in _disassembler(False).disasm_lite(code, start):
+        word = mnemonic.rsplit(" ", 1)[-1]
+        if word.startswith(("j", "loop")):
+            offset = address - start
+            insn = next(_disassembler(True).disasm(code[offset:offset + size], address))
+            instructions.append(_Insn(address, size, insn.id, insn.group(capstone.CS_GRP_JUMP), _jump_target(insn)))
+        else:
+            instructions.append(_Insn(address, size, _KINDS.get(word), False, None))
+    return instructions
+
+
+@functools.cache
+def _disassembler(detail: bool) -> capstone.Cs:
     disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    disassembler.detail = True
+    disassembler.detail = detail
     return disassembler
 
 
 def _jump_target(insn) -> int | None:
-    """The target of a direct jump or call; None for one through a register or memory."""
+    """The target of a direct jump; None for one through a register or memory."""
     operand = insn.operands[0] if insn.operands else None
     return operand.imm if operand is not None and operand.type == x86.X86_OP_IMM else None
 
 
-def _is_conditional_jump(insn) -> bool:
-    return insn.group(capstone.CS_GRP_JUMP) and insn.id != x86.X86_INS_JMP
-
-
-def _stack_check(instructions: list, start: int) -> tuple[int, set[int]]:
+def _stack_check(instructions: list[_Insn], start: int) -> tuple[int, set[int]]:
     """Where the call really begins, past Go's stack-growth check, and the addresses of that check.
 
     The prologue is straight-line code ending in conditional jumps (jbe; also jb for huge frames)
@@ -403,29 +528,28 @@ def _stack_check(instructions: list, start: int) -> tuple[int, set[int]]:
     index = {insn.address: position for position, insn in enumerate(instructions)}
     entry, check, block_start = start, set(), None
     for position, insn in enumerate(instructions):
-        if _is_conditional_jump(insn):
-            target = _jump_target(insn)
-            block = _morestack_block(instructions, index.get(target), start)
-            if block is None or block_start not in (None, target):
+        if insn.jump and insn.kind != x86.X86_INS_JMP:
+            block = _morestack_block(instructions, index.get(insn.target), start)
+            if block is None or block_start not in (None, insn.target):
                 break
-            entry, block_start = insn.address + insn.size, target
+            entry, block_start = insn.address + insn.size, insn.target
             check.update(instructions[p].address for p in [*range(position + 1), *block])
-        elif insn.group(capstone.CS_GRP_JUMP) or insn.id in _NO_FALLTHROUGH:
+        elif insn.jump or insn.kind in _NO_FALLTHROUGH:
             break
     return entry, check
 
 
-def _morestack_block(instructions: list, position: int | None, start: int) -> range | None:
+def _morestack_block(instructions: list[_Insn], position: int | None, start: int) -> range | None:
     """Positions of the straight-line block at position when it makes one call, then jumps to start."""
     if position is None:
         return None
     calls = 0
     for end in range(position, len(instructions)):
         insn = instructions[end]
-        if insn.id == x86.X86_INS_JMP:
-            return range(position, end + 1) if calls == 1 and _jump_target(insn) == start else None
-        if insn.id == x86.X86_INS_CALL:
+        if insn.kind == x86.X86_INS_JMP:
+            return range(position, end + 1) if calls == 1 and insn.target == start else None
+        if insn.kind == x86.X86_INS_CALL:
             calls += 1
-        elif insn.group(capstone.CS_GRP_JUMP) or insn.id in _NO_FALLTHROUGH:
+        elif insn.jump or insn.kind in _NO_FALLTHROUGH:
             return None
     return None
