@@ -12,7 +12,9 @@ from __future__ import annotations
 import subprocess
 
 from otel_ebpf import symbols
-from otel_ebpf.probes import Tunables, build_program, plan
+from otel_ebpf.kernel.attach import Attacher, choose_mode
+from otel_ebpf.kernel.program import Program, Tunables
+from otel_ebpf.probes import ProbeTable, plan
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 FLOOR = r"""
@@ -30,39 +32,60 @@ def _run_time(fd: int) -> tuple[int, int]:
     return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
 
 
-def _measure(bpf, binary: str, address: int, entry: str, ret: str, calls: int) -> float:
-    """ns of BPF program time per call (entry + return)."""
-    from bcc import BPF
-
-    bpf.attach_uprobe(name=binary.encode(), addr=address, fn_name=entry.encode())
-    bpf.attach_uretprobe(name=binary.encode(), addr=address, fn_name=ret.encode())
-    try:
-        subprocess.run([binary, str(calls)], stdout=subprocess.DEVNULL, check=True)
-    finally:
-        bpf.detach_uprobe(name=binary.encode(), addr=address)
-        bpf.detach_uretprobe(name=binary.encode(), addr=address)
+def _per_call(fds: list[int], calls: int, before: list[tuple[int, int]]) -> float:
+    """ns of BPF program time per call, from the programs' counters since `before`."""
     total_ns = total_runs = 0
-    for name in (entry, ret):
-        ns, runs = _run_time(bpf.load_func(name.encode(), BPF.KPROBE).fd)
-        total_ns, total_runs = total_ns + ns, total_runs + runs
+    for fd, (ns0, runs0) in zip(fds, before):
+        ns, runs = _run_time(fd)
+        total_ns, total_runs = total_ns + ns - ns0, total_runs + runs - runs0
     assert total_runs == 2 * calls, f"expected {2 * calls} program runs, the kernel counted {total_runs}"
     return total_ns / calls
 
 
-def program_cost(binary: str, symbol: str, calls: int) -> dict:
-    """BPF ns per call for the floor and for otel-ebpf with its default tunables."""
+def _floor(binary: str, address: int, calls: int) -> float:
     from bcc import BPF
 
+    bpf = BPF(text=FLOOR)
+    bpf.attach_uprobe(name=binary.encode(), addr=address, fn_name=b"floor_entry")
+    bpf.attach_uretprobe(name=binary.encode(), addr=address, fn_name=b"floor_return")
+    fds = [bpf.load_func(name, BPF.KPROBE).fd for name in (b"floor_entry", b"floor_return")]
+    try:
+        before = [_run_time(fd) for fd in fds]
+        subprocess.run([binary, str(calls)], stdout=subprocess.DEVNULL, check=True)
+        return _per_call(fds, calls, before)
+    finally:
+        bpf.cleanup()
+
+
+def _ours(binary: str, table: ProbeTable, calls: int) -> float:
+    """otel-ebpf's two programs with default tunables and HTTP tracing, attached system-wide as `run` would."""
+    mode = choose_mode("auto")
+    program = Program(Tunables(http=True), mode == "multi")
+    attacher = Attacher(program, mode)
+    try:
+        for path, probes in table.by_binary().items():
+            attacher.attach(path, [site for probe_id, probe in probes for site in probe.sites(probe_id)])
+        fds = [program.entry_fd, program.return_fd]
+        before = [_run_time(fd) for fd in fds]
+        subprocess.run([binary, str(calls)], stdout=subprocess.DEVNULL, check=True)
+        return _per_call(fds, calls, before)
+    finally:
+        attacher.close()
+        program.close()
+
+
+def program_cost(binary: str, symbol: str, calls: int) -> dict:
+    """BPF ns per call for the floor and for otel-ebpf."""
     path = symbols.binary_path(binary)
-    probes = plan(path, symbols.resolve(path, [symbol]))
-    source, cflags = build_program(probes, Tunables(http=True))
+    table = ProbeTable()
+    table.add(plan(path, symbols.resolve(path, [symbol])))
     with open(STATS) as f:
         was = f.read().strip()
     with open(STATS, "w") as f:
         f.write("1")
     try:
-        floor = _measure(BPF(text=FLOOR), path, probes[0].entry, "floor_entry", "floor_return", calls)
-        ours = _measure(BPF(text=source, cflags=cflags), path, probes[0].entry, "probe_entry_0", "probe_return_0", calls)
+        floor = _floor(path, table.probes[0].entry, calls)
+        ours = _ours(path, table, calls)
     finally:
         with open(STATS, "w") as f:
             f.write(was)

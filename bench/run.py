@@ -220,9 +220,10 @@ class Sidecar:
 
 
 def paused_loop(calls: int) -> subprocess.Popen:
-    """The loop, held in a shell until a line arrives on its stdin; exec keeps the pid the tracer attached to."""
-    return subprocess.Popen(["sh", "-c", 'read go && exec "$0" "$@"', str(LOOP), str(calls)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    """The loop, waiting for a line on its stdin before it starts (LOOP_WAIT): a process that already runs the
+    traced binary, for the tracer's --pid."""
+    return subprocess.Popen([str(LOOP), str(calls)], env={**os.environ, "LOOP_WAIT": "1"}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
 
 
 def pipeline(name: str, calls: int, settings: dict[str, str]) -> dict:

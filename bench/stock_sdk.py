@@ -29,8 +29,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 
 from otel_ebpf import config, session, symbols
-from otel_ebpf.events import SPAN
-from otel_ebpf.probes import Probe, ProbeSet, Tunables, plan
+from otel_ebpf.kernel.attach import Attacher, choose_mode
+from otel_ebpf.kernel.program import Program, Tunables
+from otel_ebpf.kernel.ring import Waiter
+from otel_ebpf.probes import ProbeTable, plan
 
 READY = "stock-sdk: tracing"
 _NO_PARENT = bytes(8)
@@ -50,27 +52,26 @@ class KernelIds(IdGenerator):
         return self.span_id
 
 
-def record(events, tracer: trace.Tracer, ids: KernelIds, probes: list[Probe], offset_ns: int) -> None:
-    """One SDK span per kernel span event, started and ended with the kernel's timestamps."""
-    for e in events:
-        if e.kind != SPAN.kind:
-            continue
-        ids.trace_id = int.from_bytes(e.trace_id, "big")
-        ids.span_id = int.from_bytes(e.span_id, "big")
+def record(records, tracer: trace.Tracer, ids: KernelIds, table: ProbeTable, offset_ns: int) -> None:
+    """One SDK span per kernel span record, started and ended with the kernel's timestamps."""
+    for r in records:
+        ids.trace_id = int.from_bytes(r["trace_id"].tobytes(), "big")
+        ids.span_id = int.from_bytes(int(r["span_id"]).to_bytes(8, "little"), "big")
         context = Context()
-        if e.parent_span_id != _NO_PARENT:
-            parent = trace.SpanContext(ids.trace_id, int.from_bytes(e.parent_span_id, "big"), is_remote=False,
+        parent_span_id = int(r["parent_span_id"]).to_bytes(8, "little")
+        if parent_span_id != _NO_PARENT:
+            parent = trace.SpanContext(ids.trace_id, int.from_bytes(parent_span_id, "big"), is_remote=False,
                                        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
             context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
-        probe = probes[e.probe_id]
+        probe = table.probes[int(r["probe_id"])]
         span = tracer.start_span(
             probe.symbol.demangled,
             context=context,
-            start_time=e.start_ns + offset_ns,
+            start_time=int(r["start_ns"]) + offset_ns,
             attributes={"code.function.name": probe.symbol.demangled, "code.file.path": probe.binary,
-                        "thread.id": e.tid, "process.pid": e.pid},
+                        "thread.id": int(r["tid"])},
         )
-        span.end(end_time=e.end_ns + offset_ns)
+        span.end(end_time=int(r["end_ns"]) + offset_ns)
 
 
 def main() -> int:
@@ -80,9 +81,10 @@ def main() -> int:
     parser.add_argument("symbols", nargs="+")
     args = parser.parse_args()
 
-    settings = config.load_settings(pid=args.pid)
+    settings = config.load_settings(pids=(args.pid,))
     path = symbols.binary_path(args.binary)
-    probes = plan(path, symbols.resolve(path, args.symbols))
+    table = ProbeTable()
+    table.add(plan(path, symbols.resolve(path, args.symbols)))
     ids = KernelIds()
     provider = TracerProvider(
         resource=Resource.create({"service.name": Path(path).name, "process.pid": args.pid}), id_generator=ids)
@@ -93,17 +95,28 @@ def main() -> int:
     stop = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stop.set())
-    probe_set = ProbeSet(probes, Tunables.from_settings(settings), args.pid)  # the very kernel side otel-ebpf builds
-    ring = probe_set.ring()
+    # The very kernel side otel-ebpf builds, following the process.
+    mode = choose_mode(settings.attach)
+    program = Program(Tunables.from_settings(settings, follow_only=True), mode == "multi")
+    program.follow(args.pid)
+    attacher = Attacher(program, mode)
+    for binary, probes in table.by_binary().items():
+        attacher.attach(binary, [site for probe_id, probe in probes for site in probe.sites(probe_id)], args.pid)
+    spans, notices = program.rings()
+    waiter = Waiter([spans, notices])
     print(f"{READY} pid {args.pid}", file=sys.stderr, flush=True)
     while not stop.is_set():
-        ring.wait(session.POLL_S)
-        record(ring.read(), tracer, ids, probes, offset_ns)
-    record(ring.read(), tracer, ids, probes, offset_ns)
-    ring.close()
+        waiter.wait(session.POLL_S)
+        list(notices.records())  # processes announced: nothing the SDK way would use
+        record(spans.spans(1 << 30), tracer, ids, table, offset_ns)
+    attacher.close()
+    record(spans.spans(1 << 30), tracer, ids, table, offset_ns)
+    waiter.close()
+    spans.close()
+    notices.close()
     provider.shutdown()
-    print(f"stock-sdk: kernel counters {probe_set.counters()}", file=sys.stderr, flush=True)
-    probe_set.close()
+    print(f"stock-sdk: kernel counters {program.counters()}", file=sys.stderr, flush=True)
+    program.close()
     return 0
 
 

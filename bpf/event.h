@@ -1,98 +1,163 @@
 /* What crosses the kernel/user boundary. This header is the single definition: user space
- * (otel_ebpf/events.py) mirrors it and checks the mirror against the compiled program at start-up
- * and in tests/unit/test_event_layout.py. Fixed-width fields only, padding spelled out. Every event
- * starts with its kind, so user space can tell them apart in the one ring buffer. */
+ * (otel_ebpf/kernel/layout.py) mirrors it and checks the mirror against the compiled program at
+ * start-up and in tests/unit/test_event_layout.py. Fixed-width fields only, padding spelled out
+ * (gcc -Wpadded -Werror guards it).
+ *
+ * Two channels, each a BPF ring buffer:
+ * - `spans`: one fixed-size struct span_record per finished call, so a drained batch is one array;
+ * - `notices`: variable-size records that start with struct notice_header: processes starting, forking,
+ *   exec'ing and exiting, HTTP requests and responses. Spans refer to them by (pid, process_seq) and by
+ *   trace and span ids; user space reads the notices before the spans they explain. */
 #ifndef OTEL_EBPF_EVENT_H
 #define OTEL_EBPF_EVENT_H
 
-enum event_kind {
-	EVENT_SPAN = 1,
-	EVENT_HTTP_REQUEST = 2,
-	EVENT_HTTP_RESPONSE = 3,
-	EVENT_PROCESS_START = 4,
-	EVENT_PROCESS_EXIT = 5,
-};
-
-/* One finished call of a probed function, emitted by the return probe. */
-struct span_event {
-	__u32 kind;              /* EVENT_SPAN */
-	__u32 probe_id;          /* index into the probe table user space compiled into the program */
+/* One finished call of a probed function, emitted by the return probe. pid and process_seq are next to each
+ * other: together, one 64-bit key of the process (user space groups spans by it). */
+struct span_record {
 	__u64 start_ns;          /* CLOCK_MONOTONIC at function entry */
 	__u64 end_ns;            /* CLOCK_MONOTONIC at function return */
-	__u64 trace_id[2];       /* 16 random bytes shared by every call nested under the trace root */
-	__u64 span_id;           /* 8 random bytes naming this call */
-	__u64 parent_span_id;    /* enclosing probed call on this thread, or the HTTP request it serves; 0: root */
+	__u64 trace_id[2];       /* 16 bytes, in W3C order, shared by every call nested under the trace root */
+	__u64 span_id;           /* 8 bytes naming this call */
+	__u64 parent_span_id;    /* enclosing probed call, the HTTP request served, or the TRACEPARENT span; 0: root */
+	__u64 goroutine_id;      /* Go: the goroutine's id (runtime.g.goid); 0 for native code or unknown */
 	__u32 pid;               /* thread group id, as seen in the tracer's PID namespace */
+	__u32 process_seq;       /* which process this pid was (pids are reused): see struct process_notice */
+	__u32 probe_id;          /* which probe: the attach cookie's PROBE_ID bits, a number user space gave */
+	__u32 flags;             /* SPAN_* bits */
 	__u32 tid;               /* thread id, as seen in the tracer's PID namespace */
-	__u32 depth;             /* nesting depth among probed calls on its thread, 0 = outermost */
-	__u32 process_seq;       /* which process this pid was (pids are reused): see struct process_event */
-	__u64 goroutine_id;      /* Go: the goroutine's id (runtime.g.goid); 0 for native code */
+	__u32 depth;             /* nesting depth among probed calls on its thread or goroutine, 0 = outermost */
 };
+
+/* span_record.flags */
+#define SPAN_REMOTE_PARENT 1 /* the parent is the process's TRACEPARENT: a span of another process */
+
+/* The attach cookie of every uprobe: which probe it is and how to pair its calls. */
+#define COOKIE_PROBE_ID_MASK 0xFFFFFFULL  /* bits 0-23: the probe id */
+#define COOKIE_GO (1ULL << 24)            /* Go code: calls nest per goroutine (see goroutine_key) */
+#define COOKIE_PROCESS_START (1ULL << 25) /* the entry point of a probed executable: watch the process */
+#define COOKIE_GOID_SHIFT 32              /* bits 32-47: offset of goid in runtime.g, 0 when unknown */
+/* Probe ids are below this: the latency map has one slot per probe id, per CPU (336 bytes each). */
+#define MAX_PROBES 1024
+
+enum notice_kind {
+	NOTICE_PROCESS = 1,       /* struct process_notice */
+	NOTICE_PROCESS_EXIT = 2,  /* struct process_notice without identity */
+	NOTICE_HTTP_REQUEST = 3,  /* struct http_request_notice */
+	NOTICE_HTTP_RESPONSE = 4, /* struct http_response_notice */
+};
+
+/* The first bytes of every notice. */
+struct notice_header {
+	__u32 kind;              /* enum notice_kind */
+	__u32 length;            /* bytes of the whole record, this header included */
+};
+
+/* A process's identity as copied at exec, in three regions of identity.data: the path execve was given,
+ * its arguments (each NUL-terminated) and the few variables that say who it is and which trace started it
+ * ("NAME=value", each NUL-terminated). What does not fit is left out and flagged. */
+#define IDENTITY_FILENAME 256
+#define IDENTITY_ARGV 512
+#define IDENTITY_ENV 1024
+#define IDENTITY_ENV_VALUE 512   /* the longest variable kept, "NAME=value" and its NUL included */
+#define IDENTITY_MAX_ARGS 32
+#define IDENTITY_MAX_ENV 256     /* environment entries looked at */
+
+/* identity.flags */
+#define IDENTITY_CAPTURED 1      /* the kernel saw the exec: what follows is the process's own */
+#define IDENTITY_ARGV_CUT 2      /* more arguments than fit */
+#define IDENTITY_ENV_CUT 4       /* a variable did not fit, or there were too many entries to look at */
+#define IDENTITY_HAS_PARENT 8    /* TRACEPARENT was valid: parent_* hold it */
+#define IDENTITY_PARENT_SAMPLED 16 /* ... and its sampled flag was set */
+
+struct identity {
+	__u32 flags;             /* IDENTITY_* */
+	__u16 filename_length;   /* bytes of the path, from data[0] (no NUL) */
+	__u16 argv_length;       /* bytes of arguments, from data[IDENTITY_FILENAME] */
+	__u16 env_length;        /* bytes of variables, from data[IDENTITY_FILENAME + IDENTITY_ARGV] */
+	__u16 traceparent_at;    /* where TRACEPARENT starts among the variables, plus one; 0: none */
+	__u32 pad;
+	__u64 parent_trace_id[2]; /* TRACEPARENT parsed in the kernel (bits.h), in W3C byte order */
+	__u64 parent_span_id;
+	__u8 data[IDENTITY_FILENAME + IDENTITY_ARGV + IDENTITY_ENV];
+};
+
+/* A process the kernel follows (a traced command and its descendants, a --pid process, any process running
+ * a probed executable system-wide), announced once before its first span. process_seq is a number the kernel
+ * gives each new program (a fork, an exec) so that a reused pid is not mistaken for its previous owner; 0
+ * marks processes user space registered itself and read from /proc. */
+struct process_notice {
+	struct notice_header header; /* NOTICE_PROCESS or NOTICE_PROCESS_EXIT */
+	__u32 pid;               /* as seen in the tracer's PID namespace */
+	__u32 process_seq;
+	__u32 parent_pid;        /* fork: the process it is a copy of (identity and all), else 0 */
+	__u32 parent_seq;
+	__u32 cause;             /* PROCESS_CAUSE_* */
+	__u32 pad;
+	struct identity identity; /* NOTICE_PROCESS only: an exit notice ends before it */
+};
+
+/* process_notice.cause */
+#define PROCESS_CAUSE_EXEC 1     /* it exec'd: a new program, identity captured */
+#define PROCESS_CAUSE_FORK 2     /* forked from parent_pid: the same program */
+#define PROCESS_CAUSE_FOUND 3    /* first seen at a probed call; identity captured if its exec was seen */
 
 /* Bytes of a request kept for user space to parse: request line and the headers that fit. */
 #define HTTP_REQUEST_CAPTURE 1024
 /* Bytes of a response kept: the status line. */
 #define HTTP_RESPONSE_CAPTURE 32
 
-/* An HTTP/1.x request arrived on a socket of a traced process: the start of a SERVER span. */
-struct http_request_event {
-	__u32 kind;              /* EVENT_HTTP_REQUEST */
+/* An HTTP/1.x request arrived on a socket of a watched process: the start of a SERVER span. */
+struct http_request_notice {
+	struct notice_header header; /* NOTICE_HTTP_REQUEST */
 	__u32 fd;                /* the connection's file descriptor in that process */
+	__u32 pid;
+	__u32 tid;               /* the thread that read the request */
+	__u32 process_seq;
 	__u64 start_ns;          /* CLOCK_MONOTONIC when the read that brought the request returned */
 	__u64 trace_id[2];       /* made here; user space replaces it by a traceparent header's */
 	__u64 span_id;           /* of the SERVER span: parent of the function spans on the handling thread */
-	__u32 pid;
-	__u32 tid;               /* the thread that read the request */
-	__u32 length;            /* bytes of data that are valid */
 	__u32 sampled;           /* the kernel's sampling decision for this request's trace */
-	__u32 process_seq;
-	__u32 pad;
+	__u32 length;            /* bytes of data that are valid; only these are sent */
 	__u8 data[HTTP_REQUEST_CAPTURE];
 };
 
 /* The response to a request was written, or the connection closed without one (length 0). */
-struct http_response_event {
-	__u32 kind;              /* EVENT_HTTP_RESPONSE */
+struct http_response_notice {
+	struct notice_header header; /* NOTICE_HTTP_RESPONSE */
 	__u32 fd;
-	__u64 end_ns;            /* CLOCK_MONOTONIC when the write of the response returned */
-	__u64 span_id;           /* of the SERVER span it ends, as in its http_request_event */
 	__u32 pid;
 	__u32 tid;
 	__u32 length;
-	__u32 pad;
+	__u64 end_ns;            /* CLOCK_MONOTONIC when the write of the response returned */
+	__u64 span_id;           /* of the SERVER span it ends, as in its http_request_notice */
 	__u8 data[HTTP_RESPONSE_CAPTURE];
-};
-
-/* A process made its first probed call (user space reads its identity from /proc at once: it may be
- * short-lived), or such a process exited. process_seq is a random number given to the process at its first
- * probed call, so that a reused pid is not mistaken for its previous owner; 0 marks processes user space
- * registered itself. */
-struct process_event {
-	__u32 kind;              /* EVENT_PROCESS_START or EVENT_PROCESS_EXIT */
-	__u32 pid;
-	__u32 process_seq;
-	__u32 pad;
 };
 
 /* Never sent: the value type of the `event_layout` map, so user space can check every layout. */
 struct event_layouts {
-	struct span_event span;
-	struct http_request_event http_request;
-	struct http_response_event http_response;
-	struct process_event process;
+	struct span_record span;
+	struct process_notice process;
+	struct http_request_notice http_request;
+	struct http_response_notice http_response;
 };
 
 /* Slots of the `counters` map: things the kernel side could not do, so user space can report them. */
 enum counter {
-	COUNTER_EVENTS_LOST = 0,      /* ring buffer full: a finished call could not be emitted */
+	COUNTER_SPANS_LOST = 0,       /* span ring buffer full: a finished call could not be emitted */
 	COUNTER_DEPTH_EXCEEDED = 1,   /* a call nested deeper than MAX_DEPTH: not recorded */
 	COUNTER_UNMATCHED_RETURN = 2, /* a return without its entry (probe attached mid-call, longjmp) */
-	COUNTER_NOTICES_LOST = 3,     /* ring buffer full: an HTTP or process event could not be emitted */
-	COUNTER_MAX = 4,
+	COUNTER_NOTICES_LOST = 3,     /* notice ring buffer full: an HTTP or process notice could not be emitted */
+	COUNTER_WAKEUPS = 4,          /* a span woke user space (one every SPAN_WAKE_EVERY ids of a stack) */
+	COUNTER_MAX = 5,
 };
 
-/* Layout of the `latency` map (see maps.h). */
+/* Per-probe latency histogram, one per CPU (the `latency` map): calls with 2^(i-1) < duration_ns <= 2^i
+ * fall in buckets[i] (the last bucket is open-ended); every call is counted, sampled or not. */
 #define LATENCY_BUCKETS 40
-#define LATENCY_SLOTS (LATENCY_BUCKETS + 1)
+struct latency_slots {
+	__u64 buckets[LATENCY_BUCKETS];
+	__u64 sum_ns;            /* of all durations */
+	__u64 max_ns;            /* the longest call */
+};
 
 #endif

@@ -1,4 +1,4 @@
-/* HTTP/1.x SERVER spans from syscall tracepoints, appended to uprobe.bpf.c when HTTP_TRACING is set.
+/* HTTP/1.x SERVER spans from syscall tracepoints, part of otel_ebpf.bpf.c when HTTP_TRACING is set.
  *
  * On sockets of watched processes only: the first read of a connection that starts with an HTTP method
  * begins a request (its first bytes go to user space, which parses them), and the next write on that
@@ -28,8 +28,10 @@ static __always_inline void remember_read(int fd, const void *buf)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
-	if (!processes.lookup(&tgid))
+	struct process_info *info = current_process(tgid);
+	if (!info)
 		return;
+	announce_fork(tgid, info);
 	struct pending_io io = {.buf = (__u64)buf, .fd = fd};
 	pending_reads.update(&id, &io);
 }
@@ -76,7 +78,7 @@ static __always_inline void on_read(long ret)
 	struct bpf_pidns_info ns = {};
 	if (visible_ids(&ns))
 		return;
-	struct http_request_event *event = events.ringbuf_reserve(sizeof(struct http_request_event));
+	struct http_request_notice *event = notices.ringbuf_reserve(sizeof(struct http_request_notice));
 	if (!event) {
 		count(COUNTER_NOTICES_LOST);
 		return;
@@ -95,7 +97,8 @@ static __always_inline void on_read(long ret)
 		length = HTTP_REQUEST_CAPTURE;
 	if (bpf_probe_read_user(event->data, length, (void *)io.buf))
 		length = 0;
-	event->kind = EVENT_HTTP_REQUEST;
+	event->header.kind = NOTICE_HTTP_REQUEST;
+	event->header.length = sizeof(*event);
 	event->fd = io.fd;
 	event->start_ns = bpf_ktime_get_ns();
 	event->trace_id[0] = request.trace_id[0];
@@ -106,10 +109,9 @@ static __always_inline void on_read(long ret)
 	event->length = length;
 	event->sampled = request.sampled;
 	__u32 tgid = id >> 32;
-	__u32 *seq = processes.lookup(&tgid);
-	event->process_seq = seq ? *seq : 0;
-	event->pad = 0;
-	events.ringbuf_submit(event, 0);
+	struct process_info *info = processes.lookup(&tgid);
+	event->process_seq = info ? info->seq : 0;
+	notices.ringbuf_submit(event, 0);
 	requests.update(&conn, &request);
 	thread_requests.update(&id, &request);
 }
@@ -124,7 +126,7 @@ static __always_inline void finish_request(int fd, const void *buf, long length)
 		return;
 	struct bpf_pidns_info ns = {};
 	visible_ids(&ns);
-	struct http_response_event *event = events.ringbuf_reserve(sizeof(struct http_response_event));
+	struct http_response_notice *event = notices.ringbuf_reserve(sizeof(struct http_response_notice));
 	if (event) {
 		__u32 n = length < HTTP_RESPONSE_CAPTURE ? length : HTTP_RESPONSE_CAPTURE;
 		asm volatile("" : "+r"(n));
@@ -132,14 +134,15 @@ static __always_inline void finish_request(int fd, const void *buf, long length)
 			n = HTTP_RESPONSE_CAPTURE;
 		if (n && bpf_probe_read_user(event->data, n, buf))
 			n = 0;
-		event->kind = EVENT_HTTP_RESPONSE;
+		event->header.kind = NOTICE_HTTP_RESPONSE;
+		event->header.length = sizeof(*event);
 		event->fd = fd;
 		event->end_ns = bpf_ktime_get_ns();
 		event->span_id = request->span_id;
 		event->pid = ns.tgid;
 		event->tid = ns.pid;
 		event->length = n;
-		events.ringbuf_submit(event, 0);
+		notices.ringbuf_submit(event, 0);
 	} else {
 		count(COUNTER_NOTICES_LOST);
 	}
@@ -157,18 +160,18 @@ static __always_inline void on_write(long ret)
 		finish_request(io.fd, (void *)io.buf, ret);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { remember_read(args->fd, args->buf); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { on_read(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { remember_read(args->fd, args->ubuf); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { on_read(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { remember_write(args->fd, args->buf); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { on_write(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { remember_write(args->fd, args->buff); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { on_write(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_close)
+/* The thread is gone (or exec'd): its request and syscalls in progress with it. */
+static __always_inline void forget_thread(__u64 id)
+{
+	thread_requests.delete(&id);
+	pending_reads.delete(&id);
+	pending_writes.delete(&id);
+}
+
+/* A descriptor closes: a request still open on it ends without a response. */
+static __always_inline void on_close(int fd)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (processes.lookup(&tgid))
-		finish_request(args->fd, NULL, 0);
-	return 0;
+		finish_request(fd, NULL, 0);
 }

@@ -1,4 +1,5 @@
-/* The maps of uprobe.bpf.c, each with what it keeps track of. Sizes come from user space as -D flags. */
+/* The maps of the probe programs, each with what it keeps track of. Sizes come from user space as -D flags
+ * (MAX_DEPTH, MAX_THREADS, SPAN_RING_PAGES, NOTICE_RING_PAGES); the HTTP maps are in http_maps.h. */
 #ifndef OTEL_EBPF_MAPS_H
 #define OTEL_EBPF_MAPS_H
 
@@ -12,14 +13,22 @@ struct frame {
 	__u32 child_emitted;     /* a descendant's span was emitted, so this one must be too (MIN_DURATION_NS) */
 };
 
-/* The probed calls in flight on one thread, innermost last; pairing entry with return happens here. */
+/* The probed calls in flight on one thread or goroutine, innermost last; pairing entry with return happens
+ * here. What the process says about its trace is copied in when the stack is made: a thread's stack does not
+ * outlive its program (exec and thread exit delete it), so it never goes stale. */
 struct call_stack {
 	__u32 depth;             /* calls entered and not yet returned; may exceed MAX_DEPTH */
 	__u32 sampled;           /* the sampler's decision, made at the trace root and inherited */
 	__u64 trace_id[2];       /* trace of the outermost call in flight */
-	__u64 root_parent;       /* span the outermost call is a child of: the HTTP request served, or 0 */
+	__u64 root_parent;       /* span the outermost call is a child of: request, TRACEPARENT span, or 0 */
 	__u64 goroutine_id;      /* Go: runtime.g.goid of the goroutine, read at its outermost call */
-	__u32 process_seq;       /* of the process, read at the outermost call */
+	__u64 seed;              /* random at creation: ids are mix64(seed + ++ids), no helper call per call */
+	__u64 ids;               /* ids made so far */
+	__u64 parent_trace_id[2]; /* the process's TRACEPARENT, when parent_flags has PROCESS_HAS_PARENT */
+	__u64 parent_span_id;
+	__u32 parent_flags;      /* PROCESS_HAS_PARENT, PROCESS_PARENT_SAMPLED */
+	__u32 process_seq;       /* of the process */
+	__u32 root_flags;        /* SPAN_* flags of the outermost call in flight */
 	__u32 pad;
 	struct frame frames[MAX_DEPTH];
 };
@@ -31,33 +40,23 @@ struct stack_key {
 	__u32 tid;
 };
 
-/* Finished calls, handed to user space (struct span_event records). */
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* A followed process: its number and the trace it was started in. */
+struct process_info {
+	__u32 seq;               /* process_seq, see struct process_notice */
+	__u32 flags;             /* PROCESS_* */
+	__u32 parent_pid;        /* PROCESS_ANNOUNCE after a fork: the visible pid and seq it was forked from */
+	__u32 parent_seq;
+	__u64 trace_id[2];       /* its TRACEPARENT, when PROCESS_HAS_PARENT */
+	__u64 span_id;
+};
 
-/* Call stacks per thread or goroutine (never per process: threads nest independently). LRU, so threads
- * that die inside a probed call cannot leak entries forever. */
-BPF_TABLE("lru_hash", struct stack_key, struct call_stack, call_stacks, MAX_THREADS);
+/* process_info.flags */
+#define PROCESS_HAS_PARENT 1      /* TRACEPARENT was valid: root calls are children of span_id */
+#define PROCESS_PARENT_SAMPLED 2  /* ... and its sampled flag was set */
+#define PROCESS_ANNOUNCE 4        /* forked: not yet announced to user space (done in its own context) */
+#define PROCESS_AWAIT_EXEC 8      /* a COMMAND held before its exec: what runs until then is the tracer's own code */
 
-/* A zeroed call_stack to initialise new threads from: it is too large for the BPF stack. Never written. */
-BPF_PERCPU_ARRAY(empty_stack, struct call_stack, 1);
-
-/* Processes that made probed calls, by kernel tgid, with their process_seq (see struct process_event).
- * Filled by a process's first probed call and by user space for the processes it starts or is given;
- * emptied when they exit. With HTTP tracing, their sockets are the ones watched. */
-BPF_HASH(processes, __u32, __u32, 65536);
-
-/* Per-CPU counts indexed by enum counter; user space sums the CPUs. */
-BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
-
-/* Per-CPU latency histograms, sampled or not, so every call is counted. For probe p, slot
- * p * LATENCY_SLOTS + i (i < LATENCY_BUCKETS) counts calls with 2^(i-1) < duration_ns <= 2^i (the last
- * bucket is open-ended) and slot p * LATENCY_SLOTS + LATENCY_BUCKETS sums their durations in ns. */
-BPF_PERCPU_ARRAY(latency, __u64, NPROBES * LATENCY_SLOTS);
-
-/* Never read or written at run time: its value type lets user space check the compiled event layout. */
-BPF_ARRAY(event_layout, struct event_layouts, 1);
-
-/* An HTTP request in flight, from its read until its response is written. */
+/* An HTTP request in flight, from its read until its response is written (http_maps.h). */
 struct request_context {
 	__u64 trace_id[2];
 	__u64 span_id;           /* of the SERVER span */
@@ -66,27 +65,48 @@ struct request_context {
 	__u32 pad;
 };
 
-#ifdef HTTP_TRACING
-/* A read or write in progress on a thread of a watched process: the syscall's arguments, kept from
- * entry to exit, where the data is there to read. Keyed by pid_tgid. */
-struct pending_io {
-	__u64 buf;
-	__u32 fd;
-	__u32 pad;
-};
-BPF_HASH(pending_reads, __u64, struct pending_io, MAX_THREADS);
-BPF_HASH(pending_writes, __u64, struct pending_io, MAX_THREADS);
+/* Finished calls, handed to user space (struct span_record). User space polls; the producer wakes it only
+ * once every SPAN_WAKE_EVERY ids of a call stack, in bursts. */
+BPF_RINGBUF_OUTPUT(spans, SPAN_RING_PAGES);
 
-struct connection_key {
-	__u32 tgid;
-	__u32 fd;
-};
+/* Everything else user space must know (struct notice_header and what follows), woken at once: rare. */
+BPF_RINGBUF_OUTPUT(notices, NOTICE_RING_PAGES);
 
-/* Requests in flight per connection. LRU: a connection closed behind our back cannot stay forever. */
-BPF_TABLE("lru_hash", struct connection_key, struct request_context, requests, MAX_THREADS);
+/* Call stacks per thread or goroutine (never per process: threads nest independently). LRU, so threads
+ * that die inside a probed call cannot leak entries forever. */
+BPF_TABLE("lru_hash", struct stack_key, struct call_stack, call_stacks, MAX_THREADS);
 
-/* The request each thread is handling, by pid_tgid: probed calls starting there become its children. */
-BPF_TABLE("lru_hash", __u64, struct request_context, thread_requests, MAX_THREADS);
+/* A zeroed call_stack to initialise new threads from: it is too large for the BPF stack. Never written. */
+BPF_PERCPU_ARRAY(empty_stack, struct call_stack, 1);
+
+/* Followed processes, by kernel tgid. Filled by user space (a COMMAND, --pid), by a fork of a followed
+ * process, by the entry point of a probed executable and, system-wide, by a first probed call; emptied when
+ * they exit. With HTTP tracing their sockets are the ones watched. */
+BPF_HASH(processes, __u32, struct process_info, MAX_PROCESSES);
+
+#ifdef PIDNS_INO
+/* Processes user space follows (a COMMAND, --pid), by their pid in the tracer's PID namespace, until an event
+ * of theirs in their own context tells the kernel's pid for it (only there can it be translated); then moved
+ * to `processes`. `pending_follows_count` says whether any wait, so that other processes pay nothing. */
+BPF_HASH(pending_follows, __u32, struct process_info, 1024);
+BPF_ARRAY(pending_follows_count, __u32, 1);
 #endif
+
+/* What each process was exec'd as, by kernel tgid: kept from execve's entry (where its arguments are still
+ * readable) for the process's announcement, however short its life. LRU: most processes are never
+ * traced. Written only for followed processes unless tracing system-wide. */
+BPF_TABLE("lru_hash", __u32, struct process_notice, exec_identities, MAX_IDENTITIES);
+
+/* Room to build a process notice in: too large for the BPF stack. */
+BPF_PERCPU_ARRAY(notice_scratch, struct process_notice, 1);
+
+/* Per-CPU counts indexed by enum counter; user space sums the CPUs. */
+BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
+
+/* Per-CPU latency histograms by probe id (struct latency_slots), sampled or not, so every call is counted. */
+BPF_PERCPU_ARRAY(latency, struct latency_slots, MAX_PROBES);
+
+/* Never read or written at run time: its value type lets user space check the compiled event layout. */
+BPF_ARRAY(event_layout, struct event_layouts, 1);
 
 #endif

@@ -1,41 +1,6 @@
-/* Entry and return programs for probed functions. The kernel pairs each return with its entry on a
- * per-thread stack, makes trace and span ids, and emits one span_event per finished call.
- *
- * Tunables (-D): NPROBES, MAX_DEPTH, MAX_THREADS, RINGBUF_PAGES, PIDNS_DEV and PIDNS_INO (see visible_ids),
- * SAMPLE_ALL or SAMPLE_THRESHOLD (a root is sampled when the lower 64 bits of its trace id, read big-endian,
- * are below it: the OpenTelemetry TraceIdRatioBased rule), PARENT_BASED, MIN_DURATION_NS, and HTTP_TRACING
- * to add http.bpf.c (appended by user space) and make probed calls children of the request served.
- * User space appends one DEFINE_PROBE(n) line per probed function. */
-#include <uapi/linux/ptrace.h>
-#include "maps.h"
-
-static __always_inline void count(__u32 slot)
-{
-	__u64 *n = counters.lookup(&slot);
-	if (n)
-		*n += 1;
-}
-
-static __always_inline __u64 random_id(void)
-{
-	__u64 id = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
-	return id ? id : 1;
-}
-
-/* The pid and tid as the tracer sees them. A tracer in a child PID namespace (a container sharing the
- * target's namespace) is built with PIDNS_DEV/PIDNS_INO and translates; in the initial namespace the kernel's
- * ids are already right and the helper's cost is saved. Non-zero: the task is outside that namespace. */
-static __always_inline int visible_ids(struct bpf_pidns_info *ns)
-{
-#ifdef PIDNS_INO
-	return bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, ns, sizeof(*ns));
-#else
-	__u64 id = bpf_get_current_pid_tgid();
-	ns->tgid = id >> 32;
-	ns->pid = (__u32)id;
-	return 0;
-#endif
-}
+/* The entry and return programs shared by every probe. The attach cookie says which probe fired (see
+ * COOKIE_* in event.h); the kernel pairs each return with its entry on a per-thread (Go: per-goroutine)
+ * stack, makes trace and span ids, and emits one span_record per finished call. Part of otel_ebpf.bpf.c. */
 
 /* The call enclosing the one at `depth`, NULL at the root. */
 static __always_inline struct frame *parent_frame(struct call_stack *stack, __u32 depth)
@@ -47,32 +12,18 @@ static __always_inline struct frame *parent_frame(struct call_stack *stack, __u3
 	return &stack->frames[up];
 }
 
-/* Index of the histogram bucket for a duration: 2^(i-1) < ns <= 2^i. */
-static __always_inline __u32 latency_bucket(__u64 ns)
-{
-	if (ns <= 1)
-		return 0;
-	__u64 v = ns - 1;
-	__u32 log2 = 0, shift;
-	shift = (v > 0xFFFFFFFF) << 5; v >>= shift; log2 |= shift;
-	shift = (v > 0xFFFF) << 4; v >>= shift; log2 |= shift;
-	shift = (v > 0xFF) << 3; v >>= shift; log2 |= shift;
-	shift = (v > 0xF) << 2; v >>= shift; log2 |= shift;
-	shift = (v > 0x3) << 1; v >>= shift; log2 |= shift;
-	log2 |= (v >> 1);
-	return log2 + 1 < LATENCY_BUCKETS ? log2 + 1 : LATENCY_BUCKETS - 1;
-}
-
+/* One histogram update per call: a single lookup of the probe's per-CPU slots. */
 static __always_inline void record_latency(__u32 probe_id, __u64 ns)
 {
-	__u32 slot = probe_id * LATENCY_SLOTS + latency_bucket(ns);
-	__u64 *n = latency.lookup(&slot);
-	if (n)
-		*n += 1;
-	slot = probe_id * LATENCY_SLOTS + LATENCY_BUCKETS;
-	n = latency.lookup(&slot);
-	if (n)
-		*n += ns;
+	struct latency_slots *slots = latency.lookup(&probe_id);
+	if (!slots)
+		return;
+	__u32 bucket = latency_bucket(ns);
+	if (bucket < LATENCY_BUCKETS)
+		slots->buckets[bucket] += 1;
+	slots->sum_ns += ns;
+	if (ns > slots->max_ns)
+		slots->max_ns = ns;
 }
 
 static __always_inline __u32 sample_root(__u64 trace_id_low)
@@ -84,19 +35,16 @@ static __always_inline __u32 sample_root(__u64 trace_id_low)
 #endif
 }
 
-/* Native code nests calls per thread. */
-static __always_inline struct stack_key thread_key(void)
+/* Native code nests calls per thread; Go code per goroutine, which migrate between threads: r14 holds the
+ * current g under Go's register ABI (amd64, Go >= 1.17). */
+static __always_inline struct stack_key stack_key_of(struct pt_regs *ctx, __u64 cookie)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct stack_key key = {.goroutine = 0, .tgid = id >> 32, .tid = (__u32)id};
-	return key;
-}
-
-/* Go code nests calls per goroutine, which migrate between threads; r14 holds the current g under
- * Go's register ABI (amd64, Go >= 1.17). */
-static __always_inline struct stack_key goroutine_key(struct pt_regs *ctx)
-{
-	struct stack_key key = {.goroutine = ctx->r14, .tgid = bpf_get_current_pid_tgid() >> 32, .tid = 0};
+	if (cookie & COOKIE_GO) {
+		key.goroutine = ctx->r14;
+		key.tid = 0;
+	}
 	return key;
 }
 
@@ -125,49 +73,91 @@ static __always_inline struct request_context *current_request(void)
 #endif
 }
 
-static __always_inline void emit_process_event(__u32 kind, __u32 process_seq)
+static __always_inline __u64 next_id(struct call_stack *stack)
 {
-	struct bpf_pidns_info ns = {};
-	if (visible_ids(&ns))
-		return;
-	struct process_event *event = events.ringbuf_reserve(sizeof(struct process_event));
-	if (!event) {
-		count(COUNTER_NOTICES_LOST);
-		return;
-	}
-	event->kind = kind;
-	event->pid = ns.tgid;
-	event->process_seq = process_seq;
-	event->pad = 0;
-	events.ringbuf_submit(event, 0); /* wake user space: a short-lived process must be looked at now */
+	stack->ids += 1;
+	return mix64(stack->seed + stack->ids) | 1; /* never 0, which means "none" */
 }
 
-/* The process_seq of the current process, announcing the process to user space on its first call. */
-static __always_inline __u32 process_seq(void)
+/* A new stack for a thread or goroutine of a followed process, NULL if the process is not followed. */
+static __always_inline struct call_stack *new_stack(struct stack_key *key)
 {
+	struct process_info *info = watch_current();
+	if (!info)
+		return NULL;
+	__u32 zero = 0;
+	struct call_stack *empty = empty_stack.lookup(&zero);
+	if (!empty)
+		return NULL;
+	call_stacks.update(key, empty);
+	struct call_stack *stack = call_stacks.lookup(key);
+	if (!stack)
+		return NULL;
+	stack->seed = (__u64)bpf_get_prandom_u32() << 32 | bpf_get_prandom_u32();
+	stack->ids = 0;
+	stack->process_seq = info->seq;
+	stack->parent_flags = info->flags & (PROCESS_HAS_PARENT | PROCESS_PARENT_SAMPLED);
+	stack->parent_trace_id[0] = info->trace_id[0];
+	stack->parent_trace_id[1] = info->trace_id[1];
+	stack->parent_span_id = info->span_id;
+	return stack;
+}
+
+/* A goroutine's stack outlives neither its process nor its program, but its key (the g's address) can come
+ * back in the next program of the same pid: a stack of another process_seq is started afresh. */
+static __always_inline int stale_goroutine_stack(struct call_stack *stack, __u64 cookie)
+{
+	if (!(cookie & COOKIE_GO))
+		return 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	__u32 *known = processes.lookup(&tgid);
-	if (known)
-		return *known;
-	__u32 seq = bpf_get_prandom_u32() | 1; /* random: no shared counter to contend for; 0 is user space's */
-	processes.update(&tgid, &seq);
-	emit_process_event(EVENT_PROCESS_START, seq);
-	return seq;
+	struct process_info *info = current_process(tgid);
+	return !info || info->seq != stack->process_seq;
 }
 
-/* goid_offset: where runtime.g keeps goid in this binary (from its DWARF), 0 when unknown or native. */
-static __always_inline int on_entry(__u32 probe_id, struct stack_key key, __u32 goid_offset)
+/* The outermost call in flight starts a trace: the HTTP request being served, the process's TRACEPARENT,
+ * or a new one. Goroutines are not tied to the thread that read a request: Go calls are not linked to one. */
+static __always_inline void start_trace(struct call_stack *stack, __u64 cookie)
+{
+	struct request_context *request = cookie & COOKIE_GO ? NULL : current_request();
+	if (request) {
+		stack->trace_id[0] = request->trace_id[0];
+		stack->trace_id[1] = request->trace_id[1];
+		stack->root_parent = request->span_id;
+		stack->sampled = request->sampled;
+		stack->root_flags = 0;
+	} else if (stack->parent_flags & PROCESS_HAS_PARENT) {
+		stack->trace_id[0] = stack->parent_trace_id[0];
+		stack->trace_id[1] = stack->parent_trace_id[1];
+		stack->root_parent = stack->parent_span_id;
+#ifdef PARENT_BASED
+		stack->sampled = !!(stack->parent_flags & PROCESS_PARENT_SAMPLED);
+#else
+		stack->sampled = sample_root(stack->trace_id[1]);
+#endif
+		stack->root_flags = SPAN_REMOTE_PARENT;
+	} else {
+		stack->trace_id[0] = next_id(stack);
+		stack->trace_id[1] = next_id(stack);
+		stack->root_parent = 0;
+		stack->sampled = sample_root(stack->trace_id[1]);
+		stack->root_flags = 0;
+	}
+}
+
+int otel_entry(struct pt_regs *ctx)
 {
 	__u64 now = bpf_ktime_get_ns();
-
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	if (cookie & COOKIE_PROCESS_START) {
+		watch_current(); /* the executable starts: follow the process from here on */
+		return 0;
+	}
+	struct stack_key key = stack_key_of(ctx, cookie);
 	struct call_stack *stack = call_stacks.lookup(&key);
+	if (stack && stack->depth == 0 && stale_goroutine_stack(stack, cookie))
+		stack = NULL;
 	if (!stack) {
-		__u32 zero = 0;
-		struct call_stack *empty = empty_stack.lookup(&zero);
-		if (!empty)
-			return 0;
-		call_stacks.update(&key, empty);
-		stack = call_stacks.lookup(&key);
+		stack = new_stack(&key);
 		if (!stack)
 			return 0;
 	}
@@ -179,35 +169,25 @@ static __always_inline int on_entry(__u32 probe_id, struct stack_key key, __u32 
 		return 0;
 	}
 	if (depth == 0) {
-		/* Goroutines are not tied to the thread that read a request: Go calls are not linked to one. */
-		struct request_context *request = key.goroutine ? NULL : current_request();
-		if (request) {
-			stack->trace_id[0] = request->trace_id[0];
-			stack->trace_id[1] = request->trace_id[1];
-			stack->root_parent = request->span_id;
-			stack->sampled = request->sampled;
-		} else {
-			stack->trace_id[0] = random_id();
-			stack->trace_id[1] = random_id();
-			stack->root_parent = 0;
-			stack->sampled = sample_root(stack->trace_id[1]);
-		}
-		stack->process_seq = process_seq();
+		__u32 goid_offset = cookie >> COOKIE_GOID_SHIFT & 0xFFFF;
 		stack->goroutine_id = 0;
 		if (goid_offset)
 			bpf_probe_read_user(&stack->goroutine_id, sizeof(__u64), (void *)(key.goroutine + goid_offset));
+		start_trace(stack, cookie);
 	}
 	stack->frames[depth].start_ns = now;
-	stack->frames[depth].span_id = random_id();
-	stack->frames[depth].probe_id = probe_id;
+	stack->frames[depth].span_id = next_id(stack);
+	stack->frames[depth].probe_id = cookie & COOKIE_PROBE_ID_MASK;
 	stack->frames[depth].child_emitted = 0;
 	return 0;
 }
 
-static __always_inline int on_return(__u32 probe_id, struct stack_key key)
+int otel_return(struct pt_regs *ctx)
 {
 	__u64 now = bpf_ktime_get_ns();
-
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	__u32 probe_id = cookie & COOKIE_PROBE_ID_MASK;
+	struct stack_key key = stack_key_of(ctx, cookie);
 	struct call_stack *stack = call_stacks.lookup(&key);
 	if (!stack || stack->depth == 0) {
 		count(COUNTER_UNMATCHED_RETURN);
@@ -241,62 +221,35 @@ static __always_inline int on_return(__u32 probe_id, struct stack_key key)
 	if (visible_ids(&ns))
 		return 0; /* a process outside the tracer's PID namespace: invisible to it */
 
-	struct span_event *event = events.ringbuf_reserve(sizeof(struct span_event));
-	if (!event) {
-		count(COUNTER_EVENTS_LOST);
+	struct span_record *span = spans.ringbuf_reserve(sizeof(struct span_record));
+	if (!span) {
+		count(COUNTER_SPANS_LOST);
 		return 0;
 	}
-	event->kind = EVENT_SPAN;
-	event->start_ns = frame->start_ns;
-	event->end_ns = now;
-	event->trace_id[0] = stack->trace_id[0];
-	event->trace_id[1] = stack->trace_id[1];
-	event->span_id = frame->span_id;
+	span->start_ns = frame->start_ns;
+	span->end_ns = now;
+	span->trace_id[0] = stack->trace_id[0];
+	span->trace_id[1] = stack->trace_id[1];
+	span->span_id = frame->span_id;
 	struct frame *parent = parent_frame(stack, depth);
-	event->parent_span_id = parent ? parent->span_id : stack->root_parent;
+	span->parent_span_id = parent ? parent->span_id : stack->root_parent;
+	span->flags = parent ? 0 : stack->root_flags;
 	if (parent)
 		parent->child_emitted = 1;
-	event->pid = ns.tgid;
-	event->tid = ns.pid;
-	event->probe_id = probe_id;
-	event->depth = depth;
-	event->process_seq = stack->process_seq;
-	event->goroutine_id = stack->goroutine_id;
-	/* No wake-up: the consumer polls on a short timer. A wake-up per event (or per batch, counted per CPU)
-	 * costs the traced call more than the whole ring buffer write. */
-	events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
-	return 0;
-}
-
-/* Native functions: entry uprobe and uretprobe. */
-#define DEFINE_PROBE(n) \
-	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, thread_key(), 0); } \
-	int probe_return_##n(struct pt_regs *ctx) { return on_return(n, thread_key()); }
-
-/* Go functions: entry uprobe, and a plain uprobe on each return instruction (a uretprobe would corrupt
- * goroutine stacks when they move). */
-#define DEFINE_GO_PROBE(n, goid_offset) \
-	int probe_entry_##n(struct pt_regs *ctx) { return on_entry(n, goroutine_key(ctx), goid_offset); } \
-	int probe_return_##n(struct pt_regs *ctx) { return on_return(n, goroutine_key(ctx)); }
-
-/* A thread that exits inside probed calls never returns from them: forget its stack (and, with HTTP
- * tracing, its request and pending syscalls) now rather than when the LRU gets round to it; tell user
- * space when a traced process ends. Goroutine
- * stacks of an exiting Go process are left to the LRU: they cannot be enumerated here. */
-TRACEPOINT_PROBE(sched, sched_process_exit)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct stack_key key = {.goroutine = 0, .tgid = id >> 32, .tid = (__u32)id};
-	call_stacks.delete(&key);
-#ifdef HTTP_TRACING
-	thread_requests.delete(&id);
-	pending_reads.delete(&id);
-	pending_writes.delete(&id);
-#endif
-	__u32 *seq = key.tgid == key.tid ? processes.lookup(&key.tgid) : NULL;
-	if (seq) {
-		emit_process_event(EVENT_PROCESS_EXIT, *seq);
-		processes.delete(&key.tgid);
+	span->goroutine_id = stack->goroutine_id;
+	span->probe_id = probe_id;
+	span->pid = ns.tgid;
+	span->tid = ns.pid;
+	span->process_seq = stack->process_seq;
+	span->depth = depth;
+	/* No wake-up per span: the consumer polls on a short timer, and a wake-up costs the traced call more
+	 * than the whole ring buffer write. But every SPAN_WAKE_EVERY ids of a stack, one: in a burst the ring
+	 * is read long before a poll period could fill it, and idle tracing costs no wake-ups. */
+	__u64 wake = BPF_RB_NO_WAKEUP;
+	if ((stack->ids & (SPAN_WAKE_EVERY - 1)) == 0) {
+		wake = BPF_RB_FORCE_WAKEUP;
+		count(COUNTER_WAKEUPS);
 	}
+	spans.ringbuf_submit(span, wake);
 	return 0;
 }

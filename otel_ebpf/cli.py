@@ -10,6 +10,7 @@ import sys
 
 from otel_ebpf import __version__, config, symbols
 from otel_ebpf.errors import UserError
+from otel_ebpf.symbols import golang
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a program killed by SIGPIPE, as in `otel-ebpf symbols ... | head`
@@ -42,11 +43,13 @@ def _parser() -> argparse.ArgumentParser:
                            "SIGINT/SIGTERM.")
     trace.add_argument("binary", metavar="BINARY")
     trace.add_argument("symbols", metavar="SYMBOL", nargs="+")
-    trace.add_argument("--pid", type=int, help="trace only this process")
+    trace.add_argument("--pid", action="append", metavar="PID", help="trace only this process and its descendants "
+                       "(several: repeat --pid, or PID,PID)")
 
     run = sub.add_parser("run", help="sidecar mode: everything from the environment (OTEL_EBPF_PROBES, ...)")
     run.add_argument("--probes", metavar="SPEC", help="BINARY:SYMBOL[,SYMBOL...][;...] (overrides OTEL_EBPF_PROBES)")
-    run.add_argument("--pid", type=int, help="trace only this process (overrides OTEL_EBPF_PID)")
+    run.add_argument("--pid", action="append", metavar="PID",
+                     help="trace only this process and its descendants (overrides OTEL_EBPF_PID)")
 
     syms = sub.add_parser("symbols", help="list the functions of BINARY that can be traced")
     syms.add_argument("binary", metavar="BINARY")
@@ -55,11 +58,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _list_symbols(binary: str, pattern: str | None) -> int:
-    path = symbols.binary_path(binary)
-    found = symbols.resolve(path, [pattern]) if pattern else symbols.list_functions(path)
+    """Where the names came from on stderr; per function address, size, name, IFUNC picks and why not traceable."""
+    table = symbols.load(binary, symbols.Options.from_settings(config.load_settings()))
+    if pattern:
+        found = table.resolve([pattern])
+    else:
+        found = sorted(table.functions() + table.ifunc_picks(), key=lambda s: (s.ifunc or s.demangled, s.address))
+    refused = golang.untraceable(table.path, found) if golang.go_version(table.path) else {}
+    print(f"otel-ebpf: {_one_line(table.describe())}", file=sys.stderr)
     for s in found:
-        print(f"{s.address:#014x} {s.size:8d}  {s.demangled}")
+        name = f"{s.ifunc} -> {_implementation(s)}" if s.ifunc else s.demangled
+        why = f"  [not traceable: {refused[s.address]}]" if s.address in refused else ""
+        print(f"{s.address:#014x} {s.size:8d}  {name}{why}")
     return 0
+
+
+def _implementation(s: symbols.FunctionSymbol) -> str:
+    """An IFUNC's pick: by name when the symbols name it (__strlen_avx2), else by address."""
+    return s.demangled if s.demangled != s.ifunc else f"the code at {s.address:#x}"
 
 
 def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
@@ -69,22 +85,37 @@ def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
 
     overrides = {}
     if args.pid is not None:
-        overrides["pid"] = args.pid
+        overrides["pids"] = config.parse_pids(",".join(args.pid), source="--pid")
     if args.command == "trace":
         overrides["probes"] = [config.ProbeSpec(args.binary, tuple(args.symbols))]
     elif args.probes is not None:
         overrides["probes"] = config.parse_probes(args.probes, source="--probes")
     settings = config.load_settings(**overrides)
+    # OTEL_LOG_LEVEL: otel-ebpf's own messages are warnings, which info shows as warn does.
+    logging.getLogger().setLevel({"debug": logging.DEBUG, "error": logging.ERROR}.get(settings.log_level,
+                                                                                      logging.WARNING))
     if not settings.probes:
         raise UserError("nothing to trace: OTEL_EBPF_PROBES is empty",
                         "set OTEL_EBPF_PROBES=BINARY:SYMBOL[,SYMBOL...] or use `otel-ebpf trace`")
-    if command_argv is not None and settings.pid:
+    if command_argv is not None and settings.pids:
         raise UserError("--pid and -- COMMAND exclude each other", "use one of them")
+    session.check_pids(settings.pids)
 
-    probes = []
+    probes = planning.ProbeTable()
+    options = symbols.Options.from_settings(settings)
+    view = settings.pids[0] if len(settings.pids) == 1 else None  # files as that process sees them
+    log = logging.getLogger("otel_ebpf")
     for spec in settings.probes:
-        path = symbols.binary_path(spec.binary)
-        probes += planning.plan(path, symbols.resolve(path, list(spec.symbols)))
+        table = symbols.load(spec.binary, options, view)
+        matches = table.resolve_each(list(spec.symbols))
+        for f in {f.address: f for _, found in matches for f in found}.values():
+            if f.ifunc:
+                log.warning("%s is an IFUNC: tracing %s, the implementation it runs here", f.ifunc, _implementation(f))
+        planned, warning = planning.plan_matches(table.path, matches, spec.binary)
+        if warning:
+            log.warning("%s", warning)
+        probes.add(planned)
+    session.check_mapped(settings.pids, probes)
     command = Command(command_argv) if command_argv is not None else None
     return session.run(settings, probes, command)
 

@@ -45,7 +45,18 @@ OTEL_EBPF_PROBES = "OTEL_EBPF_PROBES"
 """What to trace: ``BINARY:SYMBOL[,SYMBOL...]`` entries separated by ``;``."""
 
 OTEL_EBPF_PID = "OTEL_EBPF_PID"
-"""Trace only this process id instead of every process running the binaries."""
+"""Trace only these process ids (comma-separated) and their descendants instead of every process running the
+binaries."""
+
+OTEL_EBPF_SHUTDOWN_TIMEOUT = "OTEL_EBPF_SHUTDOWN_TIMEOUT"
+"""How long shutting down may take, ms: detaching, draining and the last exports, within a container's grace
+period."""
+
+OTEL_EBPF_ATTACH = "OTEL_EBPF_ATTACH"
+"""How uprobes are attached: auto, multi (multi-uprobe links), perf (one perf event per probe) or tracefs."""
+
+OTEL_LOG_LEVEL = "OTEL_LOG_LEVEL"
+"""How much otel-ebpf logs (the specification's variable): debug, info, warn or error."""
 
 OTEL_EBPF_MAX_DEPTH = "OTEL_EBPF_MAX_DEPTH"
 """How many nested probed calls are tracked per thread; deeper calls get no span."""
@@ -70,6 +81,15 @@ OTEL_EBPF_SPOOL_DIR = "OTEL_EBPF_SPOOL_DIR"
 
 OTEL_EBPF_SPOOL_SIZE = "OTEL_EBPF_SPOOL_SIZE"
 """Bytes of spans OTEL_EBPF_SPOOL_DIR may hold (suffix K or M allowed); the oldest go first."""
+
+DEBUGINFOD_URLS = "DEBUGINFOD_URLS"
+"""debuginfod servers to fetch debug files from, space-separated, as elfutils and gdb read it."""
+
+DEBUGINFOD_CACHE_PATH = "DEBUGINFOD_CACHE_PATH"
+"""Where files fetched from debuginfod are kept."""
+
+XDG_CACHE_HOME = "XDG_CACHE_HOME"
+"""Base directory of otel-ebpf's caches (XDG Base Directory Specification)."""
 
 SIGNALS = ("traces", "metrics")
 """The OTLP signals exported; each has its own OTEL_EXPORTER_OTLP_{SIGNAL}_* variables."""
@@ -134,13 +154,18 @@ def parse_probes(text: str, source: str = OTEL_EBPF_PROBES) -> list[ProbeSpec]:
     return specs
 
 
-def _key_values(text: str) -> dict[str, str]:
-    """``k=v,k2=v2`` as the spec defines it for resource attributes and OTLP headers: percent-decoded."""
+def parse_key_values(text: str, strict: bool = True) -> dict[str, str]:
+    """``k=v,k2=v2`` as the spec defines it for resource attributes and OTLP headers: percent-decoded.
+
+    Not strict, items that are not key=value are left out: a traced process's own OTEL_RESOURCE_ATTRIBUTES must
+    not stop the tracer."""
     pairs = {}
     for item in filter(str.strip, text.split(",")):
         key, equals, value = item.partition("=")
         key = unquote(key.strip())
         if not equals or not key:
+            if not strict:
+                continue
             raise ValueError(f"{item.strip()!r} is not key=value (percent-encode ',' and '=' inside keys and values)")
         pairs[key] = unquote(value.strip())
     return pairs
@@ -148,7 +173,7 @@ def _key_values(text: str) -> dict[str, str]:
 
 def _headers(text: str) -> dict[str, str]:
     """Header names are case-insensitive and gRPC metadata keys must be lower case."""
-    return {key.lower(): value for key, value in _key_values(text).items()}
+    return {key.lower(): value for key, value in parse_key_values(text).items()}
 
 
 def _milliseconds(text: str) -> float:
@@ -168,6 +193,23 @@ def _duration_ns(text: str) -> int:
     if not match:
         raise ValueError("expected a duration such as 2ms, 500us, 1.5s or 250ns (a bare number is milliseconds)")
     return round(float(match[1]) * _DURATION_UNITS_NS[match[2] or "ms"])
+
+
+def _pids(text: str) -> tuple[int, ...]:
+    pids = []
+    for item in filter(str.strip, text.split(",")):
+        if not item.strip().isdigit() or int(item) <= 0:
+            raise ValueError(f"{item.strip()!r} is not a process id")
+        pids.append(int(item))
+    return tuple(dict.fromkeys(pids))
+
+
+def parse_pids(text: str, source: str = OTEL_EBPF_PID) -> tuple[int, ...]:
+    """Comma-separated process ids, as OTEL_EBPF_PID and --pid take them."""
+    try:
+        return _pids(text)
+    except ValueError as exc:
+        raise UserError(f"{source} {text!r} is invalid: {exc}", "give process ids, e.g. --pid 4711") from None
 
 
 def _ratio(text: str) -> float:
@@ -225,6 +267,21 @@ def _power_of_two(size: int) -> int:
         nearest = lower if size - lower <= 2 * lower - size else 2 * lower
         raise ValueError(f"must be a power of two >= 4096, nearest valid value is {_with_suffix(nearest)}")
     return size
+
+
+def _urls(text: str) -> tuple[str, ...]:
+    """Space-separated http(s) URLs; elfutils' ima: policy words are not ours to apply and are skipped."""
+    urls = tuple(word for word in text.split() if not word.startswith("ima:"))
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    return urls
+
+
+def _xdg_directory(path: str) -> str | None:
+    """The XDG Base Directory Specification says to ignore a relative path, as if the variable were unset."""
+    return path if os.path.isabs(path) else None
 
 
 def _existing_file(path: str) -> str:
@@ -332,7 +389,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     probes: list[ProbeSpec] = []
-    pid: Annotated[int, Field(gt=0)] | None = None
+    pids: tuple[Annotated[int, Field(gt=0)], ...] = ()
     service_name: str | None = None
     resource_attributes: dict[str, str] = {}
     traces_exporters: tuple[Literal["otlp", "console"], ...] = ("console",)
@@ -354,6 +411,12 @@ class Settings(BaseModel):
     retry_queue_size: Annotated[int, Field(ge=0)] = 64 << 20
     spool_dir: str | None = None
     spool_size: Annotated[int, Field(gt=0)] = 256 << 20
+    shutdown_timeout_s: Seconds = 5.0
+    attach: Literal["auto", "multi", "perf", "tracefs"] = "auto"
+    log_level: Literal["debug", "info", "warn", "error"] = "info"
+    debuginfod_urls: tuple[str, ...] = ()
+    debuginfod_cache_path: str | None = None
+    cache_home: str | None = None
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> "Settings":
@@ -419,10 +482,11 @@ def _exporters_meaning(signal: str, fallback: str) -> str:
 _VARS = (
     _Var("probes", (OTEL_EBPF_PROBES,), None,
          "What to trace: BINARY:SYMBOL[,SYMBOL...] entries separated by ';'.", parse_probes),
-    _Var("pid", (OTEL_EBPF_PID,), None, "Trace only this process id."),
+    _Var("pids", (OTEL_EBPF_PID,), None,
+         "Trace only these process ids (comma-separated) and the processes they start.", _pids),
     _Var("service_name", (OTEL_SERVICE_NAME,), None, "service.name of the spans' and metrics' resource."),
     _Var("resource_attributes", (OTEL_RESOURCE_ATTRIBUTES,), None,
-         "Resource attributes, k=v,k2=v2, percent-encoded.", _key_values),
+         "Resource attributes, k=v,k2=v2, percent-encoded.", parse_key_values),
     _Var("traces_exporters", (OTEL_TRACES_EXPORTER,), None, _exporters_meaning("traces", "console"), _exporters),
     _Var("metrics_exporters", (OTEL_METRICS_EXPORTER,), None, _exporters_meaning("metrics", "none"), _exporters),
     _Var("sampler.name", (OTEL_TRACES_SAMPLER,), "parentbased_always_on",
@@ -464,6 +528,25 @@ _VARS = (
          "delivered at exit are sent by the next run. Created if missing; one otel-ebpf per directory."),
     _Var("spool_size", (OTEL_EBPF_SPOOL_SIZE,), "256M",
          "Most bytes of spans in OTEL_EBPF_SPOOL_DIR (K/M suffix); past it the oldest are dropped.", _byte_size),
+    _Var("shutdown_timeout_s", (OTEL_EBPF_SHUTDOWN_TIMEOUT,), "5000",
+         "Longest shutting down may take after SIGTERM/SIGINT or the command's exit, ms: probes are detached first, "
+         "then what is left is drained and exported; it caps OTEL_BSP_EXPORT_TIMEOUT and OTEL_METRIC_EXPORT_TIMEOUT "
+         "then. Keep it below the grace period before SIGKILL (Docker 10 s, Kubernetes "
+         "terminationGracePeriodSeconds).", _milliseconds),
+    _Var("attach", (OTEL_EBPF_ATTACH,), "auto",
+         "How uprobes are attached: multi (one multi-uprobe link per file, Linux 6.6+), perf (one perf event per "
+         "probe), tracefs (one per probe, through tracefs's uprobe_events), or auto: multi where the kernel has "
+         "them, else perf, else tracefs.", str.lower),
+    _Var("log_level", (OTEL_LOG_LEVEL,), "info", "debug, info, warn or error.", str.lower),
+    _Var("debuginfod_urls", (DEBUGINFOD_URLS,), None,
+         "Space-separated debuginfod servers: the debug file of a stripped binary that has none installed is "
+         "fetched from them (GET URL/buildid/ID/debuginfo).", _urls),
+    _Var("debuginfod_cache_path", (DEBUGINFOD_CACHE_PATH,), None,
+         "Where debug files fetched from debuginfod are kept. Default: otel-ebpf/debuginfod in XDG_CACHE_HOME, "
+         "or a private directory in the temp directory when that cannot be written (a read-only root filesystem)."),
+    _Var("cache_home", (XDG_CACHE_HOME,), None,
+         "Base of otel-ebpf's caches: parsed symbol tables in otel-ebpf/symbols (none if it cannot be written), "
+         "debuginfod downloads in otel-ebpf/debuginfod. Default ~/.cache.", _xdg_directory),
 )
 
 

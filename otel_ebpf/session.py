@@ -1,7 +1,10 @@
-"""One tracing session: attach, drain the ring buffer into the exporters, shut down without losing spans."""
+"""One tracing session: load the program, attach the probes, drain the ring buffers into the exporters, and shut
+down within one deadline without losing what was collected."""
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
 import threading
@@ -10,17 +13,29 @@ from typing import Callable, TextIO
 
 from otel_ebpf.clock import WallClock
 from otel_ebpf.command import Command
-from otel_ebpf.config import OTEL_EBPF_RETRY_QUEUE_SIZE, OTEL_EBPF_SPOOL_SIZE, Settings
+from otel_ebpf.config import OTEL_EBPF_RETRY_QUEUE_SIZE, OTEL_EBPF_SHUTDOWN_TIMEOUT, OTEL_EBPF_SPOOL_SIZE, Settings
+from otel_ebpf.console import ConsoleFormat
 from otel_ebpf.correlation import Correlator
-from otel_ebpf.events import RingReader
-from otel_ebpf.export import BatchProcessor, ConsoleSink, Sink, otlp_transport, span_exporter
+from otel_ebpf.errors import UserError
+from otel_ebpf.kernel import layout
+from otel_ebpf.kernel.attach import Attacher, choose_mode
+from otel_ebpf.kernel.program import Program, Tunables
+from otel_ebpf.kernel.ring import Ring, Waiter
 from otel_ebpf.metrics import FunctionLatency, MetricsEncoder, MetricsExporter, sidecar_resource
-from otel_ebpf.probes import Probe, ProbeSet, Tunables
-from otel_ebpf.spans import ProbeInfo, ProcessInfo, SpanEncoder
+from otel_ebpf.otlp.encode import SpanEncoder
+from otel_ebpf.otlp.retry import span_exporter
+from otel_ebpf.otlp.transport import otlp_transport
+from otel_ebpf.pipeline import BatchProcessor, ConsoleSink, Sink, line_per_item
+from otel_ebpf.probes import ProbeTable, is_executable, start_site
+from otel_ebpf.processes import ProcessInfo, ProcessRegistry
 
-# How often the ring buffer is read: the kernel does not wake us for span events (it would cost every
-# traced call), so this bounds their delay; at 80 bytes an event, 8 MiB hold ~100k events per period.
+# How often the ring buffers are read when nothing wakes us: the kernel wakes us for span events only in bursts
+# (a wake-up per span would cost every traced call), so this bounds the delay of a quiet trickle.
 POLL_S = 0.05
+# Of the shutdown deadline, what the last metrics export gets: one short attempt (they are cumulative, and the
+# spans matter more).
+METRICS_SHARE = 0.2
+_log = logging.getLogger("otel_ebpf.session")
 
 
 def _sinks(exporters: tuple[str, ...], make_otlp: Callable[[], Sink], console_format, console: TextIO) -> list:
@@ -33,6 +48,52 @@ def _describe(settings: Settings) -> str:
     return ", ".join(names) or "nowhere (OTEL_TRACES_EXPORTER=none)"
 
 
+def describe_functions(table: ProbeTable, shown: int = 3) -> str:
+    """`3 functions (a, b, c)`, or for many `500 functions (a, b, c and 497 more: otel-ebpf symbols BIN lists
+    them)`: a start line that fits a terminal."""
+    names = sorted({p.symbol.demangled for p in table.probes})
+    text = f"{len(names)} function{'s' if len(names) != 1 else ''} ({', '.join(names[:shown])}"
+    if len(names) > shown:
+        binaries = sorted({p.shown_as or p.binary for p in table.probes})
+        text += f" and {len(names) - shown} more: `otel-ebpf symbols {binaries[0]}` lists them"
+    return text + ")"
+
+
+def check_pids(pids: tuple[int, ...]) -> None:
+    """Every --pid names a live process."""
+    for pid in pids:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise UserError(f"no process with pid {pid}", f"check the pid (ps -p {pid}); it may have exited")
+
+
+def _mapped_files(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of every file process pid maps: what a uprobe on a file reaches in it."""
+    files = set()
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[4] != "0":
+                major, minor = (int(part, 16) for part in fields[3].split(":"))
+                files.add((os.makedev(major, minor), int(fields[4])))
+    return files
+
+
+def check_mapped(pids: tuple[int, ...], table: ProbeTable) -> None:
+    """Every --pid process maps at least one probed binary: otherwise nothing would ever be traced in it."""
+    binaries = {p.binary: p.shown_as or p.binary for p in table.probes}
+    identities = {(st.st_dev, st.st_ino) for st in map(os.stat, binaries)}
+    for pid in pids:
+        try:
+            mapped = _mapped_files(pid)
+        except OSError as err:
+            raise UserError(f"cannot read the memory map of pid {pid}: {err.strerror}",
+                            "otel-ebpf needs CAP_SYS_PTRACE for processes of other users") from None
+        if not mapped & identities:
+            runs = ProcessInfo.from_proc(pid).executable or "something unknown"
+            raise UserError(f"pid {pid} runs {runs}, which does not map {', '.join(sorted(binaries.values()))}",
+                            f"name what that process runs (see /proc/{pid}/maps), or another pid")
+
+
 def _loss_counters(stats: dict, kernel: dict) -> dict[str, dict[str, int]]:
     """Every call that did not become an exported span, by reason, in the metrics' vocabulary."""
     failed = stats["failed"] + stats["dropped_retry"] + stats["unsent"]  # given up on after export began
@@ -40,138 +101,270 @@ def _loss_counters(stats: dict, kernel: dict) -> dict[str, dict[str, int]]:
         "otel.sdk.processor.span.processed": {"": stats["exported"] + failed, "queue_full": stats["dropped_full"]},
         "otel.sdk.exporter.span.exported": {"": stats["exported"] - stats["rejected"],
                                             "rejected": stats["rejected"], "export_failed": failed},
-        "otel_ebpf.calls.unrecorded": {"ring_buffer_full": kernel["events_lost"],
+        "otel_ebpf.calls.unrecorded": {"ring_buffer_full": kernel["spans_lost"],
                                        "depth_exceeded": kernel["depth_exceeded"],
                                        "unmatched_return": kernel["unmatched_return"]},
     }
 
 
-def _metrics(settings: Settings, probes: list[Probe], probe_set: ProbeSet, processor: BatchProcessor,
-             console: TextIO) -> MetricsExporter | None:
-    """Per-function latency histograms and loss counters, on their own schedule."""
-    encoder = MetricsEncoder(sidecar_resource(settings.service_name, settings.resource_attributes), time.time_ns())
-    # No retry queue for metrics: they are cumulative, the next export carries what a failed one had.
-    sinks = _sinks(settings.metrics_exporters, lambda: otlp_transport(settings.otlp_metrics), str, console)
-    if not sinks:
-        return None
+class _Probes:
+    """The uprobes of the run, attached when tracing starts and, following processes, for each new one.
 
-    def collect():
-        latencies = [FunctionLatency(p.symbol.demangled, p.binary, tuple(counts), total)
-                     for p, (counts, total) in zip(probes, probe_set.latencies())]
-        counters = _loss_counters(processor.stats, probe_set.counters())
-        counters["otel_ebpf.call_stacks"] = {"": probe_set.call_stacks()}
-        return latencies, counters
+    Following (a COMMAND, --pid): an executable's probes are attached once for every process, and the kernel
+    keeps to the followed ones, so a forked child is traced from its first instruction; a library's are
+    attached per followed process, so that other processes mapping it (libc: all of them) never trap.
+    System-wide: every probe once for every process, plus each executable's entry point, which starts
+    following the process that runs it."""
 
-    return MetricsExporter(collect, encoder, sinks, settings.metric_export_interval_s, settings.metric_export_timeout_s)
+    def __init__(self, program: Program, attacher: Attacher, table: ProbeTable, follow: bool):
+        self._attacher = attacher
+        self._follow = follow
+        self._shared = []  # (path, sites) attached once for every process
+        self._per_process = []  # (path, sites) attached per followed process
+        self._links: dict[int, list] = {}  # pid -> its per-process attachments
+        for path, probes in table.by_binary().items():
+            sites = [site for probe_id, probe in probes for site in probe.sites(probe_id)]
+            if not follow or is_executable(path):
+                start = start_site(path) if not follow and is_executable(path) else None
+                self._shared.append((path, sites + ([start] if start else [])))
+            else:
+                self._per_process.append((path, sites))
+        self.uprobes = sum(len(sites) for _, sites in self._shared + self._per_process)
+
+    def attach(self, pids: list[int]) -> None:
+        for path, sites in self._shared:
+            self._attacher.attach(path, sites)
+        for pid in pids:
+            self.follow(pid)
+
+    def follow(self, pid: int) -> None:
+        """Library probes for a followed process (once; they stay through its execs)."""
+        if self._per_process and pid not in self._links:
+            try:
+                self._links[pid] = [self._attacher.attach(path, sites, pid) for path, sites in self._per_process]
+            except Exception as exc:  # it may have exited already; its spans are lost, not the session
+                _log.debug("could not attach to pid %d: %s", pid, exc)
+
+    def forget(self, pid: int) -> None:
+        for attachment in self._links.pop(pid, []):
+            self._attacher.detach(attachment)
+
+    def close(self) -> float:
+        self._links.clear()
+        return self._attacher.close()
 
 
-def run(settings: Settings, probes: list[Probe], command: Command | None = None,
+class Session:
+    """One run, from loading the program to the last summary line."""
+
+    def __init__(self, settings: Settings, table: ProbeTable, command: Command | None, console: TextIO,
+                 log: TextIO):
+        self.settings = settings
+        self.table = table
+        self.command = command
+        self.log = log
+        self.pids = list(settings.pids)
+        self.follow = command is not None or bool(self.pids)
+        mode = choose_mode(settings.attach)
+        self.program = Program(Tunables.from_settings(settings, follow_only=self.follow), mode == "multi")
+        self.clock = WallClock()
+        self.registry = ProcessRegistry(settings.service_name, settings.resource_attributes)
+        self.correlator = Correlator(self.registry, settings.sampler.samples, settings.sampler.parent_based,
+                                     table.binary)
+        encoder = SpanEncoder(table.info, self.clock)
+        self.processor = BatchProcessor(
+            encoder.encode,
+            _sinks(settings.traces_exporters, lambda: span_exporter(settings), ConsoleFormat(table.info, self.clock),
+                   console),
+            max_queue_size=settings.bsp_max_queue_size, max_batch_size=settings.bsp_max_export_batch_size,
+            schedule_delay_s=settings.bsp_schedule_delay_s, export_timeout_s=settings.bsp_export_timeout_s)
+        self.metrics = self._metrics(console)
+        self.spans_ring, self.notices_ring = self.program.rings()
+        self.waiter = Waiter([self.spans_ring, self.notices_ring])
+        self.probes = _Probes(self.program, Attacher(self.program, mode), table, self.follow)
+        self.stop = threading.Event()
+
+    def _metrics(self, console: TextIO) -> MetricsExporter | None:
+        """Per-function latency histograms and loss counters, on their own schedule."""
+        settings = self.settings
+        encoder = MetricsEncoder(sidecar_resource(settings.service_name, settings.resource_attributes), time.time_ns())
+        # No retry queue for metrics: they are cumulative, the next export carries what a failed one had.
+        sinks = _sinks(settings.metrics_exporters, lambda: otlp_transport(settings.otlp_metrics),
+                       line_per_item(str), console)
+        if not sinks:
+            return None
+
+        def collect():
+            latencies = []
+            for probe_id, probe in enumerate(self.table.probes):
+                counts, total, _ = self.program.latency(probe_id)
+                latencies.append(FunctionLatency(probe.symbol.demangled, probe.shown_as or probe.binary,
+                                                 tuple(counts), total))
+            counters = _loss_counters(self.processor.stats, self.program.counters())
+            counters["otel_ebpf.call_stacks"] = {"": self.program.call_stacks()}
+            return latencies, counters
+
+        return MetricsExporter(collect, encoder, sinks, settings.metric_export_interval_s,
+                               settings.metric_export_timeout_s)
+
+    def start(self) -> None:
+        """Follow the given processes and attach: from here on their calls are traced."""
+        if self.command:
+            self.program.follow(self.command.pid, await_exec=True)  # its identity comes with its exec
+        for pid in self.pids:
+            info = ProcessInfo.from_proc(pid)
+            self.registry.remember(info)
+            parent = info.parent
+            self.program.follow(pid, parent.trace_id if parent else b"", parent.span_id if parent else b"",
+                                bool(parent and parent.sampled))
+        started = time.monotonic()
+        self.probes.attach(([self.command.pid] if self.command else []) + self.pids)
+        _log.debug("attached %d uprobes in %.3f s", self.probes.uprobes, time.monotonic() - started)
+        target = (f"pid {self.command.pid} and its descendants" if self.command else
+                  f"pid {', '.join(map(str, self.pids))} and descendants" if self.pids else "all processes")
+        print(f"otel-ebpf: tracing {describe_functions(self.table)} in {target}; exporting to "
+              f"{_describe(self.settings)}", file=self.log, flush=True)
+
+    def drain(self, limit: int | None = None) -> int:
+        """Read what the kernel sent: notices first, then the spans committed before them, so that a request or a
+        process is always known before the spans that refer to it. Returns the spans read."""
+        until = self.spans_ring.producer_position
+        notices = [n for n in map(layout.decode_notice, self.notices_ring.records()) if n is not None]
+        if notices:
+            server_spans = self.correlator.notices(notices)
+            if server_spans:
+                self.processor.add(server_spans)
+            if self.follow:
+                for notice in notices:
+                    if isinstance(notice, layout.ProcessNotice):
+                        (self.probes.forget if notice.kind == layout.NOTICE_PROCESS_EXIT else self.probes.follow)(
+                            notice.pid)
+        records = self.spans_ring.spans(self.processor.room() if limit is None else limit, until)
+        if len(records):
+            self.processor.add(self.correlator.spans(records))
+        self.registry.evict_exited()
+        self.clock.maybe_refresh()
+        return len(records)
+
+    def trace(self) -> None:
+        """Until the command exits, or SIGINT/SIGTERM."""
+        while not (self.command.poll() is not None if self.command else self.stop.is_set()):
+            if self.processor.room():
+                self.waiter.wait(POLL_S)
+            else:
+                self.processor.wait_for_room(POLL_S)
+            self.drain()
+
+    def shut_down(self) -> None:
+        """Within OTEL_EBPF_SHUTDOWN_TIMEOUT: detach first (nothing new arrives), drain what the kernel holds,
+        export it (what is left at the deadline goes to the spool, or is counted as lost), one short metrics
+        export, the summary line. A container's runtime sends SIGKILL after its grace period."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        still_followed = self.program.followed_count() if self.command else 0
+        detach_s = self.probes.close()
+        _log.debug("detached in %.3f s", detach_s)
+        metrics_s = self.settings.shutdown_timeout_s * METRICS_SHARE if self.metrics else 0.0
+        spans_deadline = deadline - metrics_s
+        while time.monotonic() < spans_deadline:
+            if not self.processor.room():
+                self.processor.wait_for_room(POLL_S)
+                continue
+            if self.drain():
+                continue
+            # The consumer can never pass a record still being written (reserved, not yet submitted), and a
+            # program on another CPU may be about to submit it: wait for it rather than stop short of it.
+            if not (self.spans_ring.head_busy() or self.notices_ring.head_busy()):
+                break
+            time.sleep(0.001)
+        self.processor.shutdown(max(0.0, min(self.settings.bsp_export_timeout_s, spans_deadline - time.monotonic())))
+        if self.metrics:
+            self.metrics.shutdown(max(0.1, min(self.settings.metric_export_timeout_s, deadline - time.monotonic())))
+        self._summarise(still_followed)
+
+    def close(self) -> None:
+        self.waiter.close()
+        self.spans_ring.close()
+        self.notices_ring.close()
+        self.program.close()
+
+    def _summarise(self, still_followed: int) -> None:
+        """One line on shutdown: every span that did not reach the exporters is accounted for, or said to be
+        spooled; a run that traced nothing says why."""
+        stats, kernel, settings = self.processor.stats, self.program.counters(), self.settings
+        retry_bound = f"spool full ({OTEL_EBPF_SPOOL_SIZE})" if settings.spool_dir else (
+            f"retry queue full ({OTEL_EBPF_RETRY_QUEUE_SIZE})")
+        lost = {
+            "ring buffer full": kernel["spans_lost"],
+            "export queue full (OTEL_BSP_MAX_QUEUE_SIZE)": stats["dropped_full"],
+            f"oldest dropped, {retry_bound}": stats["dropped_retry"],
+            "export failed": stats["failed"],
+            f"not exported within {OTEL_EBPF_SHUTDOWN_TIMEOUT} at shutdown": stats["dropped_shutdown"] + stats["unsent"],
+        }
+        if settings.traces_exporters:
+            line = f"otel-ebpf: {stats['exported']} spans exported, {sum(lost.values())} lost"
+        else:
+            line = f"otel-ebpf: {stats['exported']} spans made, none exported (OTEL_TRACES_EXPORTER=none)"
+        details = [f"{n} {why}" for why, n in lost.items() if n]
+        if details:
+            line += f" ({', '.join(details)})"
+        if kernel["depth_exceeded"]:
+            line += f"; {kernel['depth_exceeded']} calls nested deeper than OTEL_EBPF_MAX_DEPTH not recorded"
+        if kernel["unmatched_return"]:
+            line += f"; {kernel['unmatched_return']} returns without a recorded entry"
+        if kernel["notices_lost"]:
+            line += f"; {kernel['notices_lost']} HTTP or process events lost to a full ring buffer"
+        if stats["spooled"]:
+            line += f"; {stats['spooled']} spans kept in {settings.spool_dir} for the next run"
+        if still_followed:
+            line += (f"; {still_followed} descendant process{'es' if still_followed > 1 else ''} still running "
+                     "when the command exited, no longer traced")
+        calls = sum(sum(self.program.latency(i)[0]) for i in range(len(self.table)))
+        if not calls:
+            line += "; " + self._why_nothing()
+        print(line, file=self.log, flush=True)
+
+    def _why_nothing(self) -> str:
+        binaries = ", ".join(sorted({p.shown_as or p.binary for p in self.table.probes}))
+        ran = self.registry.executables()
+        if ran:
+            return f"no probed function was called: the traced processes ran {', '.join(ran)}, not {binaries}"
+        return f"no probed function was called ({binaries})"
+
+
+def run(settings: Settings, table: ProbeTable, command: Command | None = None,
         console: TextIO = sys.stdout, log: TextIO = sys.stderr) -> int:
     """Trace until the command exits (returning its status) or SIGINT/SIGTERM arrives (returning 0)."""
-    pid = command.spawn_paused() if command else settings.pid
+    if command:
+        command.spawn_paused()
     try:
-        probe_set = ProbeSet(probes, Tunables.from_settings(settings), pid)
+        session = Session(settings, table, command, console, log)
     except BaseException:
         if command:
             command.abandon()
         raise
     try:
-        encoder = SpanEncoder([ProbeInfo(p.symbol.demangled, p.binary) for p in probes], WallClock(),
-                              settings.service_name, settings.resource_attributes)
-        correlator = Correlator(encoder, settings.sampler.samples, settings.sampler.parent_based)
-        if command:
-            encoder.remember_process(ProcessInfo.read(pid, command.path, " ".join(command.argv), exec_pending=True))
-        if pid:
-            probe_set.register_process(pid)
-        processor = BatchProcessor(
-            encoder.encode,
-            _sinks(settings.traces_exporters, lambda: span_exporter(settings), encoder.format, console),
-            max_queue_size=settings.bsp_max_queue_size,
-            max_batch_size=settings.bsp_max_export_batch_size,
-            schedule_delay_s=settings.bsp_schedule_delay_s,
-            export_timeout_s=settings.bsp_export_timeout_s,
-        )
-        metrics = _metrics(settings, probes, probe_set, processor, console)
-        stop = threading.Event()
-
         def on_signal(signum, _frame):
-            stop.set()
+            session.stop.set()
             if command:
                 command.signal(signum)  # the command decides when to end; we trace until it does
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        ring = probe_set.ring()
         try:
-            functions = ", ".join(sorted({p.symbol.demangled for p in probes}))
-            target = f"pid {pid}" if pid else "all processes"
-            print(f"otel-ebpf: tracing {len(probes)} function(s) [{functions}] in {target}; "
-                  f"exporting to {_describe(settings)}", file=log, flush=True)
-            if command:
-                command.release()
-            while not (command.poll() is not None if command else stop.is_set()):
-                _wait(ring, processor)
-                _drain(ring, correlator, processor, encoder.clock)
-            _drain_all(ring, correlator, processor, encoder.clock, time.monotonic() + settings.bsp_export_timeout_s)
+            try:
+                session.start()
+            except BaseException:
+                if command:
+                    command.abandon()
+                raise
+            try:
+                if command:
+                    command.release()
+                session.trace()
+            finally:
+                session.shut_down()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            ring.close()
-            processor.shutdown(settings.bsp_export_timeout_s)
-            if metrics:
-                metrics.shutdown(settings.metric_export_timeout_s)
-            _summarise(processor.stats, probe_set.counters(), settings, log)
         return command.exit_status if command else 0
     finally:
-        probe_set.close()
-
-
-def _wait(ring: RingReader, processor: BatchProcessor) -> None:
-    """Sleep until there are events and room for them; without room, events wait in the ring buffer."""
-    if processor.room():
-        ring.wait(POLL_S)
-    else:
-        processor.wait_for_room(POLL_S)
-
-
-def _drain(ring: RingReader, correlator: Correlator, processor: BatchProcessor, clock: WallClock) -> int:
-    batch = ring.read(processor.room())
-    if batch:
-        processor.add(correlator.accept(batch))
-    clock.maybe_refresh()
-    return len(batch)
-
-
-def _drain_all(ring: RingReader, correlator: Correlator, processor: BatchProcessor, clock: WallClock,
-               deadline: float) -> None:
-    """After the end: everything still in the ring buffer goes to the exporters, within the deadline."""
-    while time.monotonic() < deadline:
-        if not processor.room():
-            processor.wait_for_room(POLL_S)
-        elif not _drain(ring, correlator, processor, clock):
-            return
-
-
-def _summarise(stats: dict, kernel: dict, settings: Settings, log: TextIO) -> None:
-    """One line on shutdown: every span that did not reach the exporters is accounted for, or said to be spooled."""
-    retry_bound = f"spool full ({OTEL_EBPF_SPOOL_SIZE})" if settings.spool_dir else (
-        f"retry queue full ({OTEL_EBPF_RETRY_QUEUE_SIZE})")
-    lost = {
-        "ring buffer full": kernel["events_lost"],
-        "export queue full (OTEL_BSP_MAX_QUEUE_SIZE)": stats["dropped_full"],
-        f"oldest dropped, {retry_bound}": stats["dropped_retry"],
-        "export failed": stats["failed"],
-        "export timed out at shutdown (OTEL_BSP_EXPORT_TIMEOUT)": stats["dropped_shutdown"] + stats["unsent"],
-    }
-    line = f"otel-ebpf: {stats['exported']} spans exported, {sum(lost.values())} lost"
-    details = [f"{n} {why}" for why, n in lost.items() if n]
-    if details:
-        line += f" ({', '.join(details)})"
-    if kernel["depth_exceeded"]:
-        line += f"; {kernel['depth_exceeded']} calls nested deeper than OTEL_EBPF_MAX_DEPTH not recorded"
-    if kernel["unmatched_return"]:
-        line += f"; {kernel['unmatched_return']} returns without a recorded entry"
-    if kernel["notices_lost"]:
-        line += f"; {kernel['notices_lost']} HTTP or process events lost to a full ring buffer"
-    if stats["spooled"]:
-        line += f"; {stats['spooled']} spans kept in {settings.spool_dir} for the next run"
-    print(line, file=log, flush=True)
+        session.close()

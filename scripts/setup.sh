@@ -9,7 +9,10 @@ fail() { echo "setup: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || fail "must run as root (apt-get, /lib/modules, mount); try: sudo make setup"
 
-PACKAGES=(python3-bpfcc python3-venv linux-headers-amd64 gcc g++ make binutils bpftrace golang-go)
+PACKAGES=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 gcc g++ make binutils bpftrace golang-go
+          libc6-dbg debuginfod elfutils xz-utils iproute2 util-linux openssl)
+# The Rust symbol test needs a rustc; Debian's unless the machine has one (rustup's).
+command -v rustc >/dev/null || PACKAGES+=(rustc)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -49,9 +52,12 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; 
     /usr/bin/python3 -m venv --system-site-packages .venv || fail "could not create .venv with /usr/bin/python3"
 fi
 if ! .venv/bin/python -c "import otel_ebpf, pytest, yaml" 2>/dev/null \
-        || [ pyproject.toml -nt .venv/.installed ]; then
+        || [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
+        || [ otel_ebpf/otlp/_encode.c -nt .venv/.installed ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' || fail "pip install into .venv failed"
     touch .venv/.installed
 fi
 .venv/bin/python -c "import bcc" || fail "the venv cannot import bcc: is python3-bpfcc installed?"
+.venv/bin/python -c "import otel_ebpf.otlp._encode" \
+    || fail "the span encoder's C extension did not build (python3-dev and gcc are needed); see pip's output above"
 echo "setup: ready (kernel $release, $(.venv/bin/python --version))"

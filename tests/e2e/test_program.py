@@ -1,6 +1,7 @@
 """Every combination of compile-time tunables builds, loads and behaves: the BPF program is C with
 #ifdefs, and a variant nobody runs is a variant that does not compile."""
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -8,24 +9,42 @@ from pathlib import Path
 import pytest
 
 from otel_ebpf import symbols
-from otel_ebpf.events import SPAN
-from otel_ebpf.probes import ProbeSet, Tunables, plan
+from otel_ebpf.kernel.attach import Attacher, choose_mode
+from otel_ebpf.kernel.program import Program, Tunables
+from otel_ebpf.probes import ProbeTable, plan
 from tests.e2e.conftest import clean_env
 from tests.ground_truth import NESTED, parse
 
 FUNCTIONS = ["handle_request", "fib"]
 
 
-def events_of_one_run(tunables: Tunables) -> list:
-    """Spans the kernel emits for `nested 1 2` under these tunables."""
+@contextlib.contextmanager
+def loaded(tunables: Tunables, pid: int | None = None):
+    """The program with FUNCTIONS of nested attached (in pid, or every process); yields it and the probe table."""
     path = symbols.binary_path(str(NESTED))
-    probe_set = ProbeSet(plan(path, symbols.resolve(path, FUNCTIONS)), tunables)
+    table = ProbeTable()
+    table.add(plan(path, symbols.resolve(path, FUNCTIONS)))
+    mode = choose_mode("auto")
+    program = Program(tunables, mode == "multi")
+    attacher = Attacher(program, mode)
     try:
-        ring = probe_set.ring()
-        subprocess.run([path, "1", "2"], stdout=subprocess.DEVNULL, check=True)
-        return [e for e in ring.read() if e.kind == SPAN.kind]
+        for binary, probes in table.by_binary().items():
+            attacher.attach(binary, [site for probe_id, probe in probes for site in probe.sites(probe_id)], pid)
+        yield program, table
     finally:
-        probe_set.close()
+        attacher.close()
+        program.close()
+
+
+def events_of_one_run(tunables: Tunables):
+    """Span records the kernel emits for `nested 1 2` under these tunables."""
+    with loaded(tunables) as (program, _):
+        spans, notices = program.rings()
+        subprocess.run([str(NESTED), "1", "2"], stdout=subprocess.DEVNULL, check=True)
+        records = spans.spans(1 << 20)
+        spans.close()
+        notices.close()
+    return records
 
 
 # nested 1 2: requests 0 and 1 compute fib(3) and fib(4): 5 + 9 fib calls, 2 handle_request.
@@ -47,7 +66,7 @@ def test_variant_loads_and_emits(tunables, expected):
 def test_min_duration_keeps_long_calls_and_their_ancestors():
     """handle_request sleeps 1 ms; fib calls take microseconds and have no exported descendant."""
     spans = events_of_one_run(Tunables(min_duration_ns=500_000))
-    assert len(spans) == 2 and {e.depth for e in spans} == {0}
+    assert len(spans) == 2 and set(spans["depth"].tolist()) == {0}
 
 
 def test_in_a_child_pid_namespace_pids_are_the_ones_seen_there(tmp_path):
@@ -70,13 +89,14 @@ def test_in_a_child_pid_namespace_pids_are_the_ones_seen_there(tmp_path):
 
 def test_the_target_s_code_and_data_are_untouched_except_the_breakpoints(tmp_path):
     """A uprobe writes one breakpoint byte per probed instruction, nothing else (no uprobe reference counter
-    either: see loader._declare_attach_uprobe)."""
+    either: the links are made with none)."""
     binary = symbols.binary_path(str(NESTED))
-    probes = plan(binary, symbols.resolve(binary, FUNCTIONS))
     target = subprocess.Popen([binary, "1", "1"], stdout=subprocess.DEVNULL,
                               env={"NESTED_START_DELAY_MS": "60000"})
-    probe_set = ProbeSet(probes, Tunables(), target.pid)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(target.wait)
+        cleanup.callback(target.kill)
+        probes = cleanup.enter_context(loaded(Tunables(), target.pid))[1].probes
         with open(binary, "rb") as f:
             image = f.read()
         changed = []
@@ -91,7 +111,3 @@ def test_the_target_s_code_and_data_are_untouched_except_the_breakpoints(tmp_pat
                 live, base = mem.read(end - start), int(offset, 16)
                 changed += [base + i for i, (a, b) in enumerate(zip(live, image[base:base + len(live)])) if a != b]
         assert sorted(changed) == sorted(p.symbol.offset for p in probes), "bytes other than the probed entries changed"
-    finally:
-        probe_set.close()
-        target.kill()
-        target.wait()

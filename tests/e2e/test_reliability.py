@@ -24,7 +24,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from tests.e2e.conftest import Lines, Tracer, clean_env
-from tests.e2e.spancheck import check_tree, match, shutdown_summary
+from tests.e2e.spancheck import check_tree, frozen, match, shutdown_summary
 from tests.ground_truth import (
     BUILD_DIR,
     LIBGREET,
@@ -376,7 +376,7 @@ class TestChurn:
             matched = match_all(groups[pid], truth)
             check_tree(matched, truth)
             worst_overhead = max(worst_overhead, max(overhead_ns(matched, truth)))
-            resources = {frozenset(r.items()) for r, _ in groups[pid]}
+            resources = {frozen(r) for r, _ in groups[pid]}
             assert len(resources) == 1, f"pid {pid}: {len(resources)} resources"
             resource = dict(next(iter(resources)))
             assert resource["process.pid"] == pid
@@ -491,7 +491,7 @@ class TestChurn:
         truth = parse(truth_file.read_text())
         groups = wait_for_pid_spans(churn.receiver, {pid: len(truth.calls)}, timeout=10, since_ns=since)
         check_tree(match_all(groups[pid], truth), truth)
-        resources = {frozenset(r.items()) for r, _ in groups[pid]}
+        resources = {frozen(r) for r, _ in groups[pid]}
         assert len(resources) == 1
         resource = dict(next(iter(resources)))
         assert (resource["service.name"], resource["process.executable.path"], resource["process.command_line"]) \

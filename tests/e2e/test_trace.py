@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from tests.e2e.conftest import clean_env
-from tests.e2e.spancheck import check_tree, match, named
+from tests.e2e.spancheck import check_tree, frozen, match, named
 from tests.ground_truth import LIBGREET, NESTED, expected_counts, parse
 
 IN_NESTED = ("handle_request", "parse_request", "compute", "fib")
@@ -66,7 +66,7 @@ def test_sidecar_traces_every_process_and_shared_libraries(tracer, receiver, tmp
     for truth in truths:
         matched = match(received, truth, traced)
         check_tree(matched, truth)
-        resources = {frozenset(r.items()) for r, _ in matched.values()}
+        resources = {frozen(r) for r, _ in matched.values()}
         assert len(resources) == 1, "one resource per process"
         resource = dict(next(iter(resources)))
         assert resource["service.name"] == "checkout" and resource["deployment.environment.name"] == "e2e"
@@ -100,7 +100,7 @@ def test_console_without_any_endpoint(tracer, tmp_path):
     assert len(lines) == 8
     for call in truth.calls:
         if call.fn in ("handle_request", "compute"):
-            assert sum(f" {call.fn}  pid={truth.pid} tid={call.tid} " in line for line in lines) == 2
+            assert sum(f" {call.fn}  nested pid={truth.pid} tid={call.tid} " in line for line in lines) == 2
 
 
 def test_unreachable_backend_is_not_fatal(tracer, tmp_path):

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otel_ebpf import probes
+from otel_ebpf.kernel import privileges
 from otel_ebpf.errors import UserError
-from otel_ebpf.probes import check_kernel_headers
+from otel_ebpf.kernel.privileges import check_kernel_headers
 from tests import ground_truth
 from tests.ground_truth import LIBGREET, NESTED, build_examples
 
@@ -72,25 +72,29 @@ def test_without_privileges():
 
 # --- privileges: what each kernel asks for, then the real CLI with capabilities dropped ---
 
-BPF, PERFMON, SYS_ADMIN, SYS_RESOURCE = (1 << c for c in (probes.CAP_BPF, probes.CAP_PERFMON, probes.CAP_SYS_ADMIN,
-                                                         probes.CAP_SYS_RESOURCE))
+BPF, PERFMON, SYS_ADMIN, SYS_RESOURCE = (1 << c for c in (privileges.CAP_BPF, privileges.CAP_PERFMON,
+                                                         privileges.CAP_SYS_ADMIN, privileges.CAP_SYS_RESOURCE))
 
 
-@pytest.mark.parametrize("effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable, lacking", [
-    (BPF | PERFMON, (6, 18), False, True, True, set()),  # uprobes through tracefs's uprobe_events
-    (BPF | PERFMON, (6, 18), False, True, False, {"SYS_ADMIN"}),  # perf creates uprobes for CAP_SYS_ADMIN only
-    (BPF | PERFMON, (6, 15), False, True, False, set()),  # perf still lets CAP_PERFMON create them
-    (SYS_ADMIN, (6, 18), False, True, False, set()),  # stands in for CAP_BPF and CAP_PERFMON
-    (0, (6, 18), False, True, False, {"BPF", "PERFMON", "SYS_ADMIN"}),
-    (BPF | PERFMON, (5, 4), True, True, True, {"SYS_ADMIN"}),  # no CAP_BPF or CAP_PERFMON before 5.8
-    (SYS_ADMIN, (5, 4), False, True, True, {"SYS_RESOURCE"}),  # BPF memory counts against RLIMIT_MEMLOCK
-    (SYS_ADMIN | SYS_RESOURCE, (5, 4), False, True, True, set()),
-    (BPF | PERFMON, (5, 10), True, True, True, set()),
-    (BPF | PERFMON | SYS_ADMIN, (6, 18), False, False, False, {"DAC_READ_SEARCH"}),  # tracefs is root's
+@pytest.mark.parametrize("effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable, multi, lacking", [
+    (BPF | PERFMON, (6, 18), False, True, False, True, set()),  # multi-uprobe links need nothing more
+    (BPF | PERFMON, (6, 18), False, True, True, False, set()),  # uprobes through tracefs's uprobe_events
+    (BPF | PERFMON, (6, 18), False, True, False, False, {"SYS_ADMIN"}),  # perf makes uprobes for SYS_ADMIN only
+    (BPF | PERFMON, (6, 15), False, True, False, False, set()),  # perf still lets CAP_PERFMON create them
+    (SYS_ADMIN, (6, 18), False, True, False, False, set()),  # stands in for CAP_BPF and CAP_PERFMON
+    (0, (6, 18), False, True, False, False, {"BPF", "PERFMON", "SYS_ADMIN"}),
+    (0, (6, 18), False, True, False, True, {"BPF", "PERFMON"}),
+    (BPF | PERFMON, (5, 4), True, True, True, False, {"SYS_ADMIN"}),  # no CAP_BPF or CAP_PERFMON before 5.8
+    (SYS_ADMIN, (5, 4), False, True, True, False, {"SYS_RESOURCE"}),  # BPF memory counts against RLIMIT_MEMLOCK
+    (SYS_ADMIN | SYS_RESOURCE, (5, 4), False, True, True, False, set()),
+    (BPF | PERFMON, (5, 10), True, True, True, False, set()),
+    (BPF | PERFMON | SYS_ADMIN, (6, 18), False, False, False, True, {"DAC_READ_SEARCH"}),  # tracefs is root's
 ])
-def test_what_each_kernel_asks_for(effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable, lacking):
-    missing = probes.missing_privileges(effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable)
-    assert {probes.CAPABILITY_NAMES[c] for c in missing} == lacking
+def test_what_each_kernel_asks_for(effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable, multi,
+                                   lacking):
+    missing = privileges.missing_privileges(effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable,
+                                            multi)
+    assert {privileges.CAPABILITY_NAMES[c] for c in missing} == lacking
 
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to drop privileges")
@@ -128,19 +132,20 @@ def test_root_without_capabilities_is_told_which_and_how_to_grant_them(granted, 
 
 
 @ROOT_ONLY
-@pytest.mark.skipif(KERNEL < probes.UPROBES_NEED_SYS_ADMIN, reason="before Linux 6.16 CAP_PERFMON may create uprobes")
-def test_read_only_tracefs_needs_sys_admin_for_uprobes():
-    result = otel_ebpf("trace", str(NESTED), "fib", "--", "true", prefix=(*AS_MOUNTED, *only("BPF", "PERFMON")))
+@pytest.mark.skipif(KERNEL < privileges.UPROBES_NEED_SYS_ADMIN, reason="before Linux 6.16 CAP_PERFMON may create uprobes")
+def test_without_multi_uprobe_links_a_read_only_tracefs_needs_sys_admin():
+    result = otel_ebpf("trace", str(NESTED), "fib", "--", "true", env={"OTEL_EBPF_ATTACH": "perf"},
+                       prefix=(*AS_MOUNTED, *only("BPF", "PERFMON")))
     assert_one_line_error(result, "--cap-add SYS_ADMIN")
     assert named_missing(result) == {"SYS_ADMIN"}
 
 
-def trace_nested_system_wide(prefix: tuple[str, ...]) -> tuple[Counter, Counter, str]:
+def trace_nested_system_wide(prefix: tuple[str, ...], **env: str) -> tuple[Counter, Counter, str]:
     """`otel-ebpf run` under prefix as a sidecar, then nested once with every capability (a process of another
     container): the calls nested made, the spans exported for them and the tracer's stderr.
 
-    A private copy of nested, under a short path: BCC names tracefs uprobes after the path (at most 63
-    characters), and uprobes that other tracers put on the shared example can refuse ours (see uprobe_events).
+    A private copy of nested: uprobes that other tracers put on the shared example through tracefs would refuse
+    ours at the same instructions.
     """
     functions = ("fib", "handle_request")
     with tempfile.TemporaryDirectory(prefix="oe", dir="/tmp") as directory:
@@ -149,7 +154,7 @@ def trace_nested_system_wide(prefix: tuple[str, ...]) -> tuple[Counter, Counter,
             shutil.copy(built, workdir)
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "NESTED_"))}
         environ.update(OTEL_EBPF_PROBES=f"{workdir / NESTED.name}:{','.join(functions)}",
-                       OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="100")
+                       OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="100", **env)
         spans_file, log_file = workdir / "spans", workdir / "stderr"
         with spans_file.open("w") as spans_out, log_file.open("w") as log_out:
             tracer = subprocess.Popen([*prefix, sys.executable, "-m", "otel_ebpf", "run"], env=environ,
@@ -167,28 +172,29 @@ def trace_nested_system_wide(prefix: tuple[str, ...]) -> tuple[Counter, Counter,
         log = log_file.read_text()
         assert tracer.returncode == 0, log
         truth = ground_truth.parse(run.stdout)
-        spans = Counter(re.findall(rf" (\w+)  pid={truth.pid} ", spans_file.read_text()))
+        spans = Counter(re.findall(rf" (\w+)  \S+ pid={truth.pid} ", spans_file.read_text()))
     return Counter(call.fn for call in truth.calls if call.fn in functions), spans, log
+
+
+UPROBE_EVENTS = Path("/sys/kernel/tracing/uprobe_events")
+
+
+def ours_in_tracefs() -> list[str]:
+    """The uprobes otel-ebpf processes made through tracefs that are still there."""
+    return [line for line in UPROBE_EVENTS.read_text().splitlines() if ":otel_ebpf_" in line]
 
 
 @pytest.fixture
 def uprobe_events():
-    """Without CAP_SYS_ADMIN, BCC creates uprobes through tracefs and nothing removes them when otel-ebpf exits
-    (a bug: the loader exits before BCC's clean-up): remove the ones the test added. While attached, they also
-    refuse uprobes other tracers make through perf on the same instruction, hence the private copy of nested."""
-    events = Path("/sys/kernel/tracing/uprobe_events")
-    before = set(events.read_text().splitlines())
+    """Nothing of otel-ebpf's may be left in uprobe_events after a run: while there, such uprobes refuse other
+    tracers' uprobes on the same instructions."""
+    assert ours_in_tracefs() == [], "an earlier run left uprobes behind"
     yield
-    for line in set(events.read_text().splitlines()) - before:
-        if "_tmp_oe" in line:  # tracefs takes no seek, so no open(..., "a"); "w" would delete every event
-            descriptor = os.open(events, os.O_WRONLY | os.O_APPEND)
-            with contextlib.suppress(OSError):
-                os.write(descriptor, ("-:" + line.split()[0].split(":", 1)[1] + "\n").encode())
-            os.close(descriptor)
+    assert ours_in_tracefs() == []
 
 
 @ROOT_ONLY
-@pytest.mark.skipif(KERNEL < probes.MEMCG_ACCOUNTING, reason="before Linux 5.11 the memlock limit applies")
+@pytest.mark.skipif(KERNEL < privileges.MEMCG_ACCOUNTING, reason="before Linux 5.11 the memlock limit applies")
 def test_sidecar_traces_with_exactly_the_capabilities_of_docker_compose():
     """No other capability, every file read-only, a 64 KiB memlock limit: every call becomes a span."""
     assert SIDECAR["cap_drop"] == ["ALL"] and SIDECAR["read_only"] is True
@@ -198,11 +204,39 @@ def test_sidecar_traces_with_exactly_the_capabilities_of_docker_compose():
 
 
 @ROOT_ONLY
-@pytest.mark.skipif(KERNEL < probes.MEMCG_ACCOUNTING, reason="before Linux 5.11 the memlock limit applies")
-def test_without_sys_admin_a_writable_tracefs_is_enough_for_the_sidecar(uprobe_events):
-    calls, spans, log = trace_nested_system_wide((*SMALL_MEMLOCK, *only("BPF", "PERFMON")))
+@pytest.mark.skipif(KERNEL < privileges.MEMCG_ACCOUNTING, reason="before Linux 5.11 the memlock limit applies")
+def test_with_multi_uprobe_links_bpf_and_perfmon_are_enough(uprobe_events):
+    """Linux 6.6+: read-only tracefs, no CAP_SYS_ADMIN, and every call still becomes a span."""
+    calls, spans, log = trace_nested_system_wide((*AS_MOUNTED, *SMALL_MEMLOCK, *only("BPF", "PERFMON")))
     assert sum(calls.values()) > 0 and spans == calls
     assert log.count("without CAP_SYS_PTRACE") == 1
+
+
+@ROOT_ONLY
+@pytest.mark.skipif(KERNEL < privileges.MEMCG_ACCOUNTING, reason="before Linux 5.11 the memlock limit applies")
+def test_without_sys_admin_a_writable_tracefs_is_enough_and_nothing_is_left_in_it(uprobe_events):
+    calls, spans, log = trace_nested_system_wide((*SMALL_MEMLOCK, *only("BPF", "PERFMON")), OTEL_EBPF_ATTACH="tracefs")
+    assert sum(calls.values()) > 0 and spans == calls
+
+
+@ROOT_ONLY
+def test_uprobes_a_killed_tracer_left_in_tracefs_are_removed_by_the_next(uprobe_events):
+    """Nothing runs after SIGKILL: the next otel-ebpf removes what a dead one left."""
+    tracefs_route = {"OTEL_EBPF_ATTACH": "tracefs", "OTEL_TRACES_EXPORTER": "none"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | tracefs_route
+    with tempfile.TemporaryFile("w+") as log:
+        killed = subprocess.Popen([sys.executable, "-m", "otel_ebpf", "trace", str(NESTED), "fib"], env=env,
+                                  stderr=log)
+        deadline = time.monotonic() + 120
+        while not ours_in_tracefs() or "otel-ebpf: tracing" not in open(f"/proc/self/fd/{log.fileno()}").read():
+            assert killed.poll() is None and time.monotonic() < deadline, "the tracer did not start"
+            time.sleep(0.05)
+        killed.kill()
+        killed.wait()
+    left = ours_in_tracefs()
+    assert left and all(f"otel_ebpf_{killed.pid}/" in line for line in left)
+    result = otel_ebpf("trace", str(NESTED), "fib", "--", "true", env=tracefs_route)
+    assert result.returncode == 0, result.stderr
 
 
 def test_missing_kernel_headers_says_what_to_install(tmp_path):
@@ -224,7 +258,8 @@ def test_reader_that_stops_early_gets_no_traceback():
                             stdout=reader.stdin, stderr=subprocess.PIPE, text=True, timeout=60)
     reader.stdin.close()
     reader.wait(10)
-    assert result.returncode == 141 and result.stderr == ""
+    assert result.returncode == 141 and result.stderr.startswith("otel-ebpf: symbols of ")
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_symbols_lists_functions_with_address_and_size():

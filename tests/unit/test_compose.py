@@ -100,7 +100,7 @@ def test_sidecar_is_configured_by_environment_only():
 def test_sidecar_settings_load_and_name_the_demo_probes():
     settings = sidecar_settings()
     assert settings.service_name == "nested"
-    assert settings.pid is None, "each run of the example is a new process"
+    assert settings.pids == (), "each run of the example is a new process"
     assert {binary.rsplit("/", 1)[1]: set(symbols) for binary, symbols in probes().items()} == {
         "nested": {"handle_request", "parse_request", "compute", "fib"},
         "libgreet.so": {"greet"},

@@ -22,7 +22,7 @@ INSECURE = sdk_env.OTEL_EXPORTER_OTLP_INSECURE
 def test_defaults_ignore_unrelated_variables():
     settings = load_settings({"PATH": "/usr/bin", "OTEL_SOMETHING_ELSE": "x"})
     assert settings == Settings()
-    assert settings.probes == [] and settings.pid is None and settings.service_name is None
+    assert settings.probes == [] and settings.pids == () and settings.service_name is None
     assert (settings.traces_exporters, settings.metrics_exporters) == (("console",), ())
     for otlp, signal in ((settings.otlp, "traces"), (settings.otlp_metrics, "metrics")):
         assert (otlp.signal, otlp.protocol, otlp.endpoint) == (signal, "http/protobuf", f"http://localhost:4318/v1/{signal}")
@@ -37,13 +37,14 @@ def test_defaults_ignore_unrelated_variables():
 
 def test_arguments_beat_environment():
     env = {config.OTEL_EBPF_PID: "abc", sdk_env.OTEL_SERVICE_NAME: "from-env", config.OTEL_EBPF_PROBES: "no-colon"}
-    settings = load_settings(env, pid=42, service_name="from-cli", probes=[ProbeSpec("x", ("y",))])
-    assert (settings.pid, settings.service_name) == (42, "from-cli")
+    settings = load_settings(env, pids=(42,), service_name="from-cli", probes=[ProbeSpec("x", ("y",))])
+    assert (settings.pids, settings.service_name) == ((42,), "from-cli")
     assert settings.probes == [ProbeSpec("x", ("y",))]
 
 
 def test_none_argument_means_not_given():
-    assert load_settings({config.OTEL_EBPF_PID: "7"}, pid=None).pid == 7
+    assert load_settings({config.OTEL_EBPF_PID: "7"}, pids=None).pids == (7,)
+    assert load_settings({config.OTEL_EBPF_PID: "7, 9,7"}).pids == (7, 9)
 
 
 def test_unknown_argument_is_a_programming_error():
@@ -223,8 +224,8 @@ def test_certificate_files_that_exist_are_accepted(tmp_path):
 @pytest.mark.parametrize(
     "variable, value, reason",
     [
-        (config.OTEL_EBPF_PID, "abc", "valid integer"),
-        (config.OTEL_EBPF_PID, "0", "greater than 0"),
+        (config.OTEL_EBPF_PID, "abc", "not a process id"),
+        (config.OTEL_EBPF_PID, "0", "not a process id"),
         (config.OTEL_EBPF_MAX_DEPTH, "129", "less than or equal to 128"),
         (config.OTEL_EBPF_MAX_THREADS, "63", "greater than or equal to 64"),
         (config.OTEL_EBPF_RING_BUFFER_SIZE, "5000", "nearest valid value is 4K"),
@@ -283,13 +284,13 @@ def test_batch_larger_than_queue_is_rejected():
 
 
 def test_invalid_argument_names_the_argument():
-    with pytest.raises(UserError, match="pid=-3 is invalid"):
-        load_settings({}, pid=-3)
+    with pytest.raises(UserError, match="pids.0=-3 is invalid"):
+        load_settings({}, pids=(-3,))
 
 
 def test_settings_doc_lists_every_variable_once():
     names = [name for name, _, _ in config.SETTINGS_DOC]
-    assert len(names) == len(set(names)) == 49
+    assert len(names) == len(set(names)) == 55
     assert (config.OTEL_EBPF_RING_BUFFER_SIZE, "8M") in [row[:2] for row in config.SETTINGS_DOC]
     assert (SAMPLER, "parentbased_always_on") in [row[:2] for row in config.SETTINGS_DOC]
     assert all(meaning for _, _, meaning in config.SETTINGS_DOC)

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from tests.ground_truth import LOOP, NESTED, Call, build_examples, expected_counts, parse
+from tests.ground_truth import BUILD_DIR, LOOP, NESTED, Call, build_examples, expected_counts, parse
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -129,7 +129,20 @@ def test_loop_reports_calls_and_cost():
     assert 0 < float(match.group(2)) < 1000
 
 
-@pytest.mark.parametrize("args", [(), ("x",), ("-5",), ("1", "2")])
+def test_loop_in_threads_counts_every_call():
+    _, status, out, err = run(LOOP, "25000", "4")
+    assert status == 0, err
+    assert re.fullmatch(r"loop calls=100000 ns_per_call=\d+\.\d+\n", out), out
+
+
+def test_many_calls_each_of_its_500_functions():
+    _, status, out, err = run(BUILD_DIR / "many", "2")
+    assert (status, out) == (0, "many calls=1000\n"), err
+    names = subprocess.run(["nm", str(BUILD_DIR / "many")], capture_output=True, text=True, check=True).stdout
+    assert len(re.findall(r" T many_\d+$", names, re.MULTILINE)) == 500
+
+
+@pytest.mark.parametrize("args", [(), ("x",), ("-5",), ("1", "0"), ("1", "65"), ("1", "2", "3")])
 def test_loop_rejects_bad_arguments(args):
     _, status, out, err = run(LOOP, *args)
     assert status == 2

@@ -1,0 +1,258 @@
+"""Mirrors of bpf/event.h: what the kernel sends and the numbers both sides must agree on.
+
+Each mirror is defined here once and checked against the compiled program at start-up (check_program) and
+against gcc's view of the header in tests/unit/test_event_layout.py, by name, so that a reordered C enum or a
+moved field cannot silently swap meanings.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from otel_ebpf.errors import UserError
+
+# ----- constants (bpf/event.h; "must match" on both sides)
+
+MAX_PROBES = 1024
+LATENCY_BUCKETS = 40
+COOKIE_PROBE_ID_MASK = 0xFFFFFF
+COOKIE_GO = 1 << 24
+COOKIE_PROCESS_START = 1 << 25
+COOKIE_GOID_SHIFT = 32
+SPAN_REMOTE_PARENT = 1
+HTTP_REQUEST_CAPTURE = 1024
+HTTP_RESPONSE_CAPTURE = 32
+IDENTITY_FILENAME = 256
+IDENTITY_ARGV = 512
+IDENTITY_ENV = 1024
+IDENTITY_CAPTURED = 1
+IDENTITY_ARGV_CUT = 2
+IDENTITY_ENV_CUT = 4
+IDENTITY_HAS_PARENT = 8
+IDENTITY_PARENT_SAMPLED = 16
+PROCESS_CAUSE_EXEC = 1
+PROCESS_CAUSE_FORK = 2
+PROCESS_CAUSE_FOUND = 3
+NOTICE_PROCESS = 1
+NOTICE_PROCESS_EXIT = 2
+NOTICE_HTTP_REQUEST = 3
+NOTICE_HTTP_RESPONSE = 4
+# process_info.flags (bpf/maps.h): written by user space when it registers a process itself.
+PROCESS_HAS_PARENT = 1
+PROCESS_PARENT_SAMPLED = 2
+PROCESS_AWAIT_EXEC = 8
+
+# enum counter, by slot: the names metrics and the summary use.
+COUNTERS = ("spans_lost", "depth_exceeded", "unmatched_return", "notices_lost", "wakeups")
+# The C names of the same slots, for the layout checks.
+COUNTER_ENUM = ("COUNTER_SPANS_LOST", "COUNTER_DEPTH_EXCEEDED", "COUNTER_UNMATCHED_RETURN", "COUNTER_NOTICES_LOST",
+                "COUNTER_WAKEUPS")
+
+# Every constant above with its C name, for tests/unit/test_event_layout.py.
+CONSTANTS = {name: value for name, value in globals().items() if name.isupper() and isinstance(value, int)}
+
+# ----- maps user space reads or writes (bpf/maps.h, bpf/event.h)
+
+STACK_KEY_SIZE = 16  # struct stack_key: the call_stacks map's key
+PROCESS_INFO = struct.Struct("<IIII16s8s")  # struct process_info: seq, flags, parent pid and seq, trace and span id
+LATENCY_SLOTS = struct.Struct(f"<{LATENCY_BUCKETS + 2}Q")  # struct latency_slots: buckets, sum_ns, max_ns
+
+# ----- struct span_record: a numpy record, so that a drained batch is one array
+
+_SPAN_FIELDS = (
+    ("start_ns", "<u8"), ("end_ns", "<u8"), ("trace_id", ("<u8", (2,))), ("span_id", "<u8"),
+    ("parent_span_id", "<u8"), ("goroutine_id", "<u8"), ("pid", "<u4"), ("process_seq", "<u4"), ("probe_id", "<u4"),
+    ("flags", "<u4"), ("tid", "<u4"), ("depth", "<u4"),
+)
+SPAN_DTYPE = np.dtype(list(_SPAN_FIELDS))
+# The same record as the ring buffer holds it: an 8-byte header (length, page offset) in front. Arrays of spans
+# keep this layout all the way to the encoder, so that draining is one copy. Every byte is a named field: numpy
+# drops unnamed padding when it concatenates structured arrays, which would move the fields.
+RING_HEADER_SIZE = 8
+SPAN_RECORD_DTYPE = np.dtype([("ring_length", "<u4"), ("ring_page_offset", "<u4"), *_SPAN_FIELDS])
+
+
+def words(records: np.ndarray) -> np.ndarray:
+    """Span records as rows of 64-bit words (a view: writing to it writes the records)."""
+    return records.view(np.uint64).reshape(len(records), SPAN_RECORD_DTYPE.itemsize // 8)
+
+
+def halves(records: np.ndarray) -> np.ndarray:
+    """Span records as rows of 32-bit words (a view)."""
+    return records.view(np.uint32).reshape(len(records), SPAN_RECORD_DTYPE.itemsize // 4)
+
+
+def span_offsets() -> dict[str, tuple[int, int]]:
+    """Offset and size of each span_record field as the numpy mirror has them."""
+    return {name: (SPAN_DTYPE.fields[name][1], SPAN_DTYPE.fields[name][0].itemsize) for name in SPAN_DTYPE.names}
+
+
+# ----- notices: variable records, decoded one at a time (they are rare next to spans)
+
+
+@dataclass(frozen=True)
+class NoticeType:
+    """One notice struct of bpf/event.h: its kind, its member in struct event_layouts, its fields."""
+
+    kind: int
+    member: str
+    fields: tuple[tuple[str, str], ...]
+
+    @property
+    def struct(self) -> struct.Struct:
+        return struct.Struct("<" + "".join(fmt for _, fmt in self.fields))
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        result, offset = {}, 0
+        for name, fmt in self.fields:
+            size = struct.calcsize("<" + fmt)
+            result[name] = (offset, size)
+            offset += size
+        return result
+
+
+_HEADER = (("header.kind", "I"), ("header.length", "I"))
+_IDENTITY = (
+    ("identity.flags", "I"), ("identity.filename_length", "H"), ("identity.argv_length", "H"),
+    ("identity.env_length", "H"), ("identity.traceparent_at", "H"), ("identity.pad", "I"),
+    ("identity.parent_trace_id", "16s"), ("identity.parent_span_id", "8s"),
+    ("identity.data", f"{IDENTITY_FILENAME + IDENTITY_ARGV + IDENTITY_ENV}s"),
+)
+PROCESS = NoticeType(NOTICE_PROCESS, "process", _HEADER + (
+    ("pid", "I"), ("process_seq", "I"), ("parent_pid", "I"), ("parent_seq", "I"), ("cause", "I"), ("pad", "I"),
+) + _IDENTITY)
+HTTP_REQUEST = NoticeType(NOTICE_HTTP_REQUEST, "http_request", _HEADER + (
+    ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("start_ns", "Q"), ("trace_id", "16s"),
+    ("span_id", "8s"), ("sampled", "I"), ("length", "I"), ("data", f"{HTTP_REQUEST_CAPTURE}s"),
+))
+HTTP_RESPONSE = NoticeType(NOTICE_HTTP_RESPONSE, "http_response", _HEADER + (
+    ("fd", "I"), ("pid", "I"), ("tid", "I"), ("length", "I"), ("end_ns", "Q"), ("span_id", "8s"),
+    ("data", f"{HTTP_RESPONSE_CAPTURE}s"),
+))
+NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE)
+# An exit notice is a process notice that ends before its identity.
+PROCESS_HEAD_SIZE = PROCESS.offsets()["identity.flags"][0]
+
+
+class Identity(NamedTuple):
+    """What a process was exec'd as, as the kernel copied it (struct identity)."""
+
+    flags: int
+    filename: bytes
+    argv: tuple[bytes, ...]
+    environ: dict[bytes, bytes]  # "NAME=value" entries the kernel kept
+    parent_trace_id: bytes
+    parent_span_id: bytes
+
+
+class ProcessNotice(NamedTuple):
+    kind: int
+    pid: int
+    process_seq: int
+    parent_pid: int
+    parent_seq: int
+    cause: int
+    identity: Identity | None  # None: an exit, or a process found without its exec seen
+
+
+class HttpRequestNotice(NamedTuple):
+    fd: int
+    pid: int
+    tid: int
+    process_seq: int
+    start_ns: int
+    trace_id: bytes
+    span_id: bytes
+    sampled: int
+    data: bytes
+
+
+class HttpResponseNotice(NamedTuple):
+    fd: int
+    pid: int
+    tid: int
+    end_ns: int
+    span_id: bytes
+    data: bytes
+
+
+_PROCESS_HEAD = struct.Struct("<IIIIIIII")
+_IDENTITY_HEAD = struct.Struct("<IHHHHI16s8s")
+_REQUEST = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_REQUEST.fields))
+_RESPONSE = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_RESPONSE.fields))
+
+
+def _identity(record: memoryview) -> Identity:
+    flags, filename_length, argv_length, env_length, _, _, trace_id, span_id = _IDENTITY_HEAD.unpack_from(record)
+    data = bytes(record[_IDENTITY_HEAD.size:])
+    filename = data[:min(filename_length, IDENTITY_FILENAME)]
+    argv = data[IDENTITY_FILENAME:IDENTITY_FILENAME + min(argv_length, IDENTITY_ARGV)].split(b"\0")[:-1]
+    env_start = IDENTITY_FILENAME + IDENTITY_ARGV
+    environ = {}
+    for entry in data[env_start:env_start + min(env_length, IDENTITY_ENV)].split(b"\0")[:-1]:
+        name, _, value = entry.partition(b"=")
+        environ[name] = value
+    return Identity(flags, filename, tuple(argv), environ, trace_id, span_id)
+
+
+def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | HttpResponseNotice | None:
+    """One notice record (without its ring header); None for a kind this version does not know."""
+    kind = int.from_bytes(record[:4], "little")
+    if kind in (NOTICE_PROCESS, NOTICE_PROCESS_EXIT):
+        _, length, pid, seq, parent_pid, parent_seq, cause, _ = _PROCESS_HEAD.unpack_from(record)
+        identity = _identity(record[PROCESS_HEAD_SIZE:]) if length > PROCESS_HEAD_SIZE else None
+        return ProcessNotice(kind, pid, seq, parent_pid, parent_seq, cause, identity)
+    if kind == NOTICE_HTTP_REQUEST:
+        _, _, fd, pid, tid, seq, start, trace_id, span_id, sampled, length, data = _REQUEST.unpack_from(record)
+        return HttpRequestNotice(fd, pid, tid, seq, start, trace_id, span_id, sampled, data[:length])
+    if kind == NOTICE_HTTP_RESPONSE:
+        _, _, fd, pid, tid, length, end, span_id, data = _RESPONSE.unpack_from(record)
+        return HttpResponseNotice(fd, pid, tid, end, span_id, data[:length])
+    return None
+
+
+# ----- the checks
+
+
+def _flatten(ctype, prefix: str = "", base: int = 0) -> dict[str, tuple[int, int]]:
+    """(offset, size) of every leaf field of a ctypes structure, nested names dotted."""
+    import ctypes
+
+    fields = {}
+    for name, field_type in ctype._fields_:
+        descriptor = getattr(ctype, name)
+        offset = base + descriptor.offset
+        if isinstance(field_type, type) and issubclass(field_type, ctypes.Structure):
+            fields.update(_flatten(field_type, f"{prefix}{name}.", offset))
+        else:
+            fields[f"{prefix}{name}"] = (offset, descriptor.size)
+    return fields
+
+
+def check_layouts(compiled: dict[str, tuple[dict[str, tuple[int, int]], int]]) -> None:
+    """Refuse to run when a compiled struct and its mirror disagree: every event would be garbage.
+
+    `compiled` maps a member of struct event_layouts to (its fields' offsets and sizes, its size)."""
+    mirrors = {"span": (span_offsets(), SPAN_DTYPE.itemsize)}
+    mirrors.update({t.member: (t.offsets(), t.struct.size) for t in NOTICE_TYPES})
+    for member, expected in mirrors.items():
+        if compiled.get(member) != expected:
+            raise UserError(
+                f"event layout mismatch for {member} between bpf/event.h ({compiled.get(member)}) and "
+                f"otel_ebpf/kernel/layout.py ({expected})",
+                "update the mirror in otel_ebpf/kernel/layout.py to match bpf/event.h",
+            )
+
+
+def compiled_layouts(event_layouts_ctype) -> dict[str, tuple[dict[str, tuple[int, int]], int]]:
+    """What the compiler made of each member of struct event_layouts (BCC's ctypes view of the map value)."""
+    import ctypes
+
+    result = {}
+    for member, member_type in event_layouts_ctype._fields_:
+        result[member] = (_flatten(member_type), ctypes.sizeof(member_type))
+    return result

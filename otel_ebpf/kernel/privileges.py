@@ -1,0 +1,136 @@
+"""What the running kernel will ask of otel-ebpf before it can trace: capabilities, tracefs, kernel headers.
+
+Checked at start-up so that a missing privilege is one line naming it and how to grant it, instead of a
+failure deep inside BCC or the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import resource
+from pathlib import Path
+
+from otel_ebpf.errors import UserError
+
+# Capabilities the kernel checks, by bit number in /proc/self/status (linux/capability.h).
+CAP_DAC_READ_SEARCH = 2
+CAP_SYS_PTRACE = 19
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_PERFMON = 38
+CAP_BPF = 39
+CAPABILITY_NAMES = {CAP_DAC_READ_SEARCH: "DAC_READ_SEARCH", CAP_SYS_PTRACE: "SYS_PTRACE", CAP_SYS_ADMIN: "SYS_ADMIN",
+                    CAP_SYS_RESOURCE: "SYS_RESOURCE", CAP_PERFMON: "PERFMON", CAP_BPF: "BPF"}
+# Kernel releases that changed what tracing needs: CAP_BPF and CAP_PERFMON exist since 5.8 (before, CAP_SYS_ADMIN
+# did everything); BPF memory counts against the memory cgroup, not RLIMIT_MEMLOCK, since 5.11; a program can tell
+# which uprobe fired from its attach cookie since 5.15 (otel-ebpf's programs need that); multi-uprobe links, which
+# need neither perf nor tracefs, exist since 6.6; since 6.16 (and in stable kernels with the fix for
+# CVE-2025-38466) perf creates uprobes for CAP_SYS_ADMIN only, so without multi-uprobe links otel-ebpf then
+# creates them by writing to tracefs's uprobe_events instead.
+SPLIT_CAPABILITIES = (5, 8)
+MEMCG_ACCOUNTING = (5, 11)
+ATTACH_COOKIES = (5, 15)
+MULTI_UPROBE_LINKS = (6, 6)
+UPROBES_NEED_SYS_ADMIN = (6, 16)
+# Where tracefs is looked for: its debugfs mount point when there is one, as BCC does.
+TRACEFS_PATHS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")
+
+
+def tracefs() -> str | None:
+    """Where tracefs is mounted, None when it is not."""
+    with open("/proc/self/mounts") as mounts:
+        mounted = {fields[1] for fields in map(str.split, mounts) if fields[2] == "tracefs"}
+    return next((path for path in TRACEFS_PATHS if path in mounted), None)
+_log = logging.getLogger("otel_ebpf.privileges")
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(r"^CapEff:\s*([0-9a-f]+)", status.read(), re.MULTILINE)[1], 16)
+
+
+def has_capability(capability: int) -> bool:
+    return bool(effective_capabilities() >> capability & 1)
+
+
+def kernel_release() -> tuple[int, int]:
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", platform.release()).groups())
+
+
+def missing_privileges(effective: int, kernel: tuple[int, int], memlock_unlimited: bool, tracefs_readable: bool,
+                       tracefs_writable: bool, multi_links: bool) -> dict[int, str]:
+    """The capabilities this kernel will ask for that the effective set lacks, each with what it is for.
+
+    CAP_SYS_ADMIN passes every check CAP_BPF and CAP_PERFMON pass, so it stands in for both. `multi_links`: the
+    uprobes are attached with multi-uprobe links (Linux 6.6+), which need nothing more.
+    """
+    def has(capability: int) -> bool:
+        return bool(effective >> capability & 1)
+
+    admin, missing = has(CAP_SYS_ADMIN), {}
+    if kernel < SPLIT_CAPABILITIES:
+        if not admin:
+            missing[CAP_SYS_ADMIN] = "to load eBPF programs before Linux 5.8"
+    else:
+        if not (has(CAP_BPF) or admin):
+            missing[CAP_BPF] = "to load eBPF programs"
+        if not (has(CAP_PERFMON) or admin):
+            missing[CAP_PERFMON] = "to attach them"
+        if not admin and not multi_links and kernel >= UPROBES_NEED_SYS_ADMIN and not tracefs_writable:
+            missing[CAP_SYS_ADMIN] = ("to create uprobes on Linux 6.16+ without multi-uprobe links, unless tracefs "
+                                      "is writable")
+    if kernel < MEMCG_ACCOUNTING and not (memlock_unlimited or has(CAP_SYS_RESOURCE)):
+        missing[CAP_SYS_RESOURCE] = "to lift RLIMIT_MEMLOCK for the BPF maps before Linux 5.11"
+    if not tracefs_readable:
+        missing[CAP_DAC_READ_SEARCH] = "to read tracefs, which only root may"
+    return missing
+
+
+def check_privileges(multi_links: bool) -> None:
+    """Refuse to start without what the kernel will ask for, naming each missing capability and how to grant it.
+
+    Reads the effective set even as root: a container's root lacks whatever cap_drop removed. Without
+    CAP_SYS_PTRACE tracing works, so it is only a warning: what it costs is process identity.
+    """
+    kernel = kernel_release()
+    if kernel < ATTACH_COOKIES:
+        raise UserError(f"Linux {platform.release()} is too old: otel-ebpf needs Linux 5.15 or later",
+                        "its BPF programs tell probes apart by their attach cookies (Linux 5.15+)")
+    tracefs_path = tracefs()
+    if tracefs_path is None:
+        raise UserError("tracefs is not mounted at /sys/kernel/tracing",
+                        "mount -t tracefs nodev /sys/kernel/tracing (make setup does), or in a container "
+                        "mount the host's /sys/kernel/tracing")
+    effective = effective_capabilities()
+    missing = missing_privileges(
+        effective, kernel, resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] == resource.RLIM_INFINITY,
+        os.access(tracefs_path, os.R_OK | os.X_OK, effective_ids=True),
+        os.access(os.path.join(tracefs_path, "uprobe_events"), os.W_OK, effective_ids=True), multi_links)
+    if missing:
+        names = [CAPABILITY_NAMES[capability] for capability in missing]
+        reasons = [f"CAP_{name} ({why})" for name, why in zip(names, missing.values())]
+        raise UserError(
+            "not allowed to trace: missing " + ", ".join(reasons),
+            f"grant {'them' if len(names) > 1 else 'it'}: docker run {' '.join('--cap-add ' + n for n in names)}; "
+            f"Kubernetes securityContext.capabilities.add: [{', '.join(names)}]; "
+            f"setcap {','.join('cap_' + n.lower() for n in names)}+ep on a copy of the Python interpreter that only "
+            "otel-ebpf runs; " + ("root alone is not enough when a container's cap_drop or a bounding set removed them"
+                                  if os.geteuid() == 0 else "or run as root"))
+    if not effective >> CAP_SYS_PTRACE & 1:
+        _log.warning("without CAP_SYS_PTRACE, processes of other users or with capabilities otel-ebpf lacks cannot "
+                     "be traced with --pid, and their spans lack process.executable.path and HTTP peer addresses "
+                     "(grant it: docker run --cap-add SYS_PTRACE; securityContext.capabilities.add: [SYS_PTRACE])")
+
+
+def check_kernel_headers(modules: Path = Path("/lib/modules")) -> None:
+    """BCC compiles the program at run time against the running kernel's headers."""
+    build = modules / platform.release() / "build"
+    if not (build / "include").is_dir():
+        raise UserError(
+            f"kernel headers not found at {build}",
+            "run `make setup` (installs linux-headers-amd64 and links them there) or install the "
+            "headers for this kernel",
+        )
