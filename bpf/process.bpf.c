@@ -183,6 +183,9 @@ static __always_inline void on_new_task(__u32 child_pid, __u64 clone_flags)
 	struct process_info *parent = current_process(tgid);
 	if (!parent)
 		return;
+	/* The parent first, here in its own context, if it was never announced (a daemon's forked master that only
+	 * forks workers): so that every child names a parent user space knows. */
+	announce_fork(tgid, parent);
 	struct bpf_pidns_info ns = {};
 	if (visible_ids(&ns))
 		return;

@@ -5,6 +5,8 @@
  *
  * env NESTED_START_DELAY_MS: sleep that long after printing the pid, so a
  *     tracer has time to attach before the first call;
+ * env NESTED_WAIT_FOR: then wait until this file exists (a gate the caller opens once a tracer is attached);
+ * env NESTED_FORK_TRUTH: then fork; the child runs the same requests and writes its ground truth here;
  * env NESTED_EXIT_CODE: exit status to return (default 0);
  * env NESTED_GROUND_TRUTH: write the ground truth to this file instead of stdout
  *     (the demo sends it to /dev/null so only the tracer's console spans show).
@@ -22,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int requests_per_thread;
@@ -99,6 +102,26 @@ int main(int argc, char **argv)
 
     printf("pid %d\n", getpid());
     sleep_ms(env_long("NESTED_START_DELAY_MS", 0));
+    const char *gate = getenv("NESTED_WAIT_FOR");
+    while (gate && *gate && access(gate, F_OK) != 0)
+        sleep_ms(10);
+    const char *child_truth = getenv("NESTED_FORK_TRUTH");
+    if (child_truth && *child_truth) {
+        fflush(stdout);
+        pid_t child = fork();
+        if (child < 0) {
+            perror("fork");
+            return 1;
+        }
+        if (child == 0) {
+            if (!freopen(child_truth, "w", stdout)) {
+                perror(child_truth);
+                return 2;
+            }
+            setvbuf(stdout, NULL, _IOLBF, 0);
+            printf("pid %d\n", getpid());
+        }
+    }
 
     pthread_t *tids = calloc(threads, sizeof *tids);
     if (!tids) {
@@ -118,5 +141,8 @@ int main(int argc, char **argv)
 
     printf("done calls=%ld\n", gt_total_calls());
     fflush(stdout);
+    if (child_truth && *child_truth)
+        while (wait(NULL) > 0)
+            ;
     return (int)env_long("NESTED_EXIT_CODE", 0);
 }

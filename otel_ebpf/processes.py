@@ -89,8 +89,11 @@ class ProcessInfo:
 
     @property
     def started_as(self) -> str:
-        """The name it was started as (argv[0]'s basename, e.g. redis-server), not its symlink's target."""
-        return os.path.basename(self.argv[0]) if self.argv and self.argv[0] else os.path.basename(self.executable)
+        """The name it was started as (argv[0]'s basename, e.g. redis-server), not its symlink's target; the
+        executable's when argv[0] is a title the program wrote over its arguments ("nginx: worker process")."""
+        first = self.argv[0] if self.argv else ""
+        return os.path.basename(first) if first and not any(c.isspace() for c in first) else (
+            os.path.basename(self.executable))
 
 
 def _executable(pid: int) -> str:

@@ -10,7 +10,8 @@ fail() { echo "setup: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || fail "must run as root (apt-get, /lib/modules, mount); try: sudo make setup"
 
 PACKAGES=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 gcc g++ make binutils bpftrace golang-go
-          libc6-dbg debuginfod elfutils xz-utils iproute2 util-linux openssl)
+          libc6-dbg debuginfod elfutils xz-utils iproute2 util-linux openssl
+          nginx-light redis-server redis-tools sqlite3)
 # The Rust symbol test needs a rustc; Debian's unless the machine has one (rustup's).
 command -v rustc >/dev/null || PACKAGES+=(rustc)
 missing=()
@@ -24,6 +25,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq || fail "apt-get update failed: no access to the Debian archive?"
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
         || fail "apt-get install ${missing[*]} failed"
+    # The servers are for the tests, which start their own on 127.0.0.1: not the packages' system services.
+    for service in nginx redis-server; do
+        systemctl disable --now "$service" >/dev/null 2>&1 || true
+    done
+    pkill -x nginx >/dev/null 2>&1 || true
+    pkill -x redis-server >/dev/null 2>&1 || true
 fi
 
 # BCC compiles against /lib/modules/$(uname -r)/build. When the running kernel has no headers package

@@ -10,7 +10,6 @@ import logging
 import os
 import platform
 import re
-import resource
 from pathlib import Path
 
 from otel_ebpf.errors import UserError
@@ -19,19 +18,15 @@ from otel_ebpf.errors import UserError
 CAP_DAC_READ_SEARCH = 2
 CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
-CAP_SYS_RESOURCE = 24
 CAP_PERFMON = 38
 CAP_BPF = 39
 CAPABILITY_NAMES = {CAP_DAC_READ_SEARCH: "DAC_READ_SEARCH", CAP_SYS_PTRACE: "SYS_PTRACE", CAP_SYS_ADMIN: "SYS_ADMIN",
-                    CAP_SYS_RESOURCE: "SYS_RESOURCE", CAP_PERFMON: "PERFMON", CAP_BPF: "BPF"}
-# Kernel releases that changed what tracing needs: CAP_BPF and CAP_PERFMON exist since 5.8 (before, CAP_SYS_ADMIN
-# did everything); BPF memory counts against the memory cgroup, not RLIMIT_MEMLOCK, since 5.11; a program can tell
-# which uprobe fired from its attach cookie since 5.15 (otel-ebpf's programs need that); multi-uprobe links, which
-# need neither perf nor tracefs, exist since 6.6; since 6.16 (and in stable kernels with the fix for
-# CVE-2025-38466) perf creates uprobes for CAP_SYS_ADMIN only, so without multi-uprobe links otel-ebpf then
-# creates them by writing to tracefs's uprobe_events instead.
-SPLIT_CAPABILITIES = (5, 8)
-MEMCG_ACCOUNTING = (5, 11)
+                    CAP_PERFMON: "PERFMON", CAP_BPF: "BPF"}
+# Kernel releases that changed what tracing needs: a program can tell which uprobe fired from its attach cookie
+# since 5.15 (otel-ebpf's programs need that; by then CAP_BPF and CAP_PERFMON exist, and BPF memory counts against
+# the memory cgroup, not RLIMIT_MEMLOCK); multi-uprobe links, which need neither perf nor tracefs, exist since 6.6;
+# since 6.16 (and in stable kernels with the fix for CVE-2025-38466) perf creates uprobes for CAP_SYS_ADMIN only,
+# so without multi-uprobe links otel-ebpf then creates them by writing to tracefs's uprobe_events instead.
 ATTACH_COOKIES = (5, 15)
 MULTI_UPROBE_LINKS = (6, 6)
 UPROBES_NEED_SYS_ADMIN = (6, 16)
@@ -60,8 +55,8 @@ def kernel_release() -> tuple[int, int]:
     return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", platform.release()).groups())
 
 
-def missing_privileges(effective: int, kernel: tuple[int, int], memlock_unlimited: bool, tracefs_readable: bool,
-                       tracefs_writable: bool, multi_links: bool) -> dict[int, str]:
+def missing_privileges(effective: int, kernel: tuple[int, int], tracefs_readable: bool, tracefs_writable: bool,
+                       multi_links: bool) -> dict[int, str]:
     """The capabilities this kernel will ask for that the effective set lacks, each with what it is for.
 
     CAP_SYS_ADMIN passes every check CAP_BPF and CAP_PERFMON pass, so it stands in for both. `multi_links`: the
@@ -71,19 +66,13 @@ def missing_privileges(effective: int, kernel: tuple[int, int], memlock_unlimite
         return bool(effective >> capability & 1)
 
     admin, missing = has(CAP_SYS_ADMIN), {}
-    if kernel < SPLIT_CAPABILITIES:
-        if not admin:
-            missing[CAP_SYS_ADMIN] = "to load eBPF programs before Linux 5.8"
-    else:
-        if not (has(CAP_BPF) or admin):
-            missing[CAP_BPF] = "to load eBPF programs"
-        if not (has(CAP_PERFMON) or admin):
-            missing[CAP_PERFMON] = "to attach them"
-        if not admin and not multi_links and kernel >= UPROBES_NEED_SYS_ADMIN and not tracefs_writable:
-            missing[CAP_SYS_ADMIN] = ("to create uprobes on Linux 6.16+ without multi-uprobe links, unless tracefs "
-                                      "is writable")
-    if kernel < MEMCG_ACCOUNTING and not (memlock_unlimited or has(CAP_SYS_RESOURCE)):
-        missing[CAP_SYS_RESOURCE] = "to lift RLIMIT_MEMLOCK for the BPF maps before Linux 5.11"
+    if not (has(CAP_BPF) or admin):
+        missing[CAP_BPF] = "to load eBPF programs"
+    if not (has(CAP_PERFMON) or admin):
+        missing[CAP_PERFMON] = "to attach them"
+    if not admin and not multi_links and kernel >= UPROBES_NEED_SYS_ADMIN and not tracefs_writable:
+        missing[CAP_SYS_ADMIN] = ("to create uprobes on Linux 6.16+ without multi-uprobe links, unless tracefs "
+                                  "is writable")
     if not tracefs_readable:
         missing[CAP_DAC_READ_SEARCH] = "to read tracefs, which only root may"
     return missing
@@ -106,8 +95,7 @@ def check_privileges(multi_links: bool) -> None:
                         "mount the host's /sys/kernel/tracing")
     effective = effective_capabilities()
     missing = missing_privileges(
-        effective, kernel, resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] == resource.RLIM_INFINITY,
-        os.access(tracefs_path, os.R_OK | os.X_OK, effective_ids=True),
+        effective, kernel, os.access(tracefs_path, os.R_OK | os.X_OK, effective_ids=True),
         os.access(os.path.join(tracefs_path, "uprobe_events"), os.W_OK, effective_ids=True), multi_links)
     if missing:
         names = [CAPABILITY_NAMES[capability] for capability in missing]

@@ -72,28 +72,21 @@ def test_without_privileges():
 
 # --- privileges: what each kernel asks for, then the real CLI with capabilities dropped ---
 
-BPF, PERFMON, SYS_ADMIN, SYS_RESOURCE = (1 << c for c in (privileges.CAP_BPF, privileges.CAP_PERFMON,
-                                                         privileges.CAP_SYS_ADMIN, privileges.CAP_SYS_RESOURCE))
+BPF, PERFMON, SYS_ADMIN = (1 << c for c in (privileges.CAP_BPF, privileges.CAP_PERFMON, privileges.CAP_SYS_ADMIN))
 
 
-@pytest.mark.parametrize("effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable, multi, lacking", [
-    (BPF | PERFMON, (6, 18), False, True, False, True, set()),  # multi-uprobe links need nothing more
-    (BPF | PERFMON, (6, 18), False, True, True, False, set()),  # uprobes through tracefs's uprobe_events
-    (BPF | PERFMON, (6, 18), False, True, False, False, {"SYS_ADMIN"}),  # perf makes uprobes for SYS_ADMIN only
-    (BPF | PERFMON, (6, 15), False, True, False, False, set()),  # perf still lets CAP_PERFMON create them
-    (SYS_ADMIN, (6, 18), False, True, False, False, set()),  # stands in for CAP_BPF and CAP_PERFMON
-    (0, (6, 18), False, True, False, False, {"BPF", "PERFMON", "SYS_ADMIN"}),
-    (0, (6, 18), False, True, False, True, {"BPF", "PERFMON"}),
-    (BPF | PERFMON, (5, 4), True, True, True, False, {"SYS_ADMIN"}),  # no CAP_BPF or CAP_PERFMON before 5.8
-    (SYS_ADMIN, (5, 4), False, True, True, False, {"SYS_RESOURCE"}),  # BPF memory counts against RLIMIT_MEMLOCK
-    (SYS_ADMIN | SYS_RESOURCE, (5, 4), False, True, True, False, set()),
-    (BPF | PERFMON, (5, 10), True, True, True, False, set()),
-    (BPF | PERFMON | SYS_ADMIN, (6, 18), False, False, False, True, {"DAC_READ_SEARCH"}),  # tracefs is root's
+@pytest.mark.parametrize("effective, kernel, tracefs_readable, tracefs_writable, multi, lacking", [
+    (BPF | PERFMON, (6, 18), True, False, True, set()),  # multi-uprobe links need nothing more
+    (BPF | PERFMON, (6, 18), True, True, False, set()),  # uprobes through tracefs's uprobe_events
+    (BPF | PERFMON, (6, 18), True, False, False, {"SYS_ADMIN"}),  # perf creates uprobes for SYS_ADMIN only
+    (BPF | PERFMON, (6, 15), True, False, False, set()),  # perf still lets CAP_PERFMON create them
+    (SYS_ADMIN, (6, 18), True, False, False, set()),  # stands in for CAP_BPF and CAP_PERFMON
+    (0, (6, 18), True, False, False, {"BPF", "PERFMON", "SYS_ADMIN"}),
+    (0, (6, 18), True, False, True, {"BPF", "PERFMON"}),
+    (BPF | PERFMON | SYS_ADMIN, (6, 18), False, False, True, {"DAC_READ_SEARCH"}),  # tracefs is root's
 ])
-def test_what_each_kernel_asks_for(effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable, multi,
-                                   lacking):
-    missing = privileges.missing_privileges(effective, kernel, memlock_unlimited, tracefs_readable, tracefs_writable,
-                                            multi)
+def test_what_each_kernel_asks_for(effective, kernel, tracefs_readable, tracefs_writable, multi, lacking):
+    missing = privileges.missing_privileges(effective, kernel, tracefs_readable, tracefs_writable, multi)
     assert {privileges.CAPABILITY_NAMES[c] for c in missing} == lacking
 
 
@@ -106,7 +99,7 @@ SIDECAR = COMPOSE["services"]["otel-ebpf"]
 AS_MOUNTED = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
               "mount -o remount,bind,ro /sys/kernel/tracing && for d in / /lib/modules /usr/src; do "
               'mount --bind $d $d && mount -o remount,bind,ro $d || exit 1; done && exec "$@"', "sh")
-# Far below the 8 MiB ring buffer: since Linux 5.11 BPF memory counts against the memory cgroup instead.
+# Far below the ring buffers: BPF memory counts against the memory cgroup (Linux 5.11+), not this limit.
 SMALL_MEMLOCK = ("prlimit", "--memlock=65536:65536")
 
 
@@ -194,7 +187,6 @@ def uprobe_events():
 
 
 @ROOT_ONLY
-@pytest.mark.skipif(KERNEL < privileges.MEMCG_ACCOUNTING, reason="before Linux 5.11 the memlock limit applies")
 def test_sidecar_traces_with_exactly_the_capabilities_of_docker_compose():
     """No other capability, every file read-only, a 64 KiB memlock limit: every call becomes a span."""
     assert SIDECAR["cap_drop"] == ["ALL"] and SIDECAR["read_only"] is True
@@ -204,7 +196,6 @@ def test_sidecar_traces_with_exactly_the_capabilities_of_docker_compose():
 
 
 @ROOT_ONLY
-@pytest.mark.skipif(KERNEL < privileges.MEMCG_ACCOUNTING, reason="before Linux 5.11 the memlock limit applies")
 def test_with_multi_uprobe_links_bpf_and_perfmon_are_enough(uprobe_events):
     """Linux 6.6+: read-only tracefs, no CAP_SYS_ADMIN, and every call still becomes a span."""
     calls, spans, log = trace_nested_system_wide((*AS_MOUNTED, *SMALL_MEMLOCK, *only("BPF", "PERFMON")))
@@ -213,7 +204,6 @@ def test_with_multi_uprobe_links_bpf_and_perfmon_are_enough(uprobe_events):
 
 
 @ROOT_ONLY
-@pytest.mark.skipif(KERNEL < privileges.MEMCG_ACCOUNTING, reason="before Linux 5.11 the memlock limit applies")
 def test_without_sys_admin_a_writable_tracefs_is_enough_and_nothing_is_left_in_it(uprobe_events):
     calls, spans, log = trace_nested_system_wide((*SMALL_MEMLOCK, *only("BPF", "PERFMON")), OTEL_EBPF_ATTACH="tracefs")
     assert sum(calls.values()) > 0 and spans == calls

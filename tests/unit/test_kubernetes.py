@@ -71,3 +71,11 @@ def test_sidecar_and_app_export_to_the_jaeger_service():
     assert (endpoint.hostname, endpoint.port) == (service["metadata"]["name"], 4318)
     app_endpoint = urlsplit(environment(CONTAINERS["example"])["OTEL_EXPORTER_OTLP_ENDPOINT"])
     assert app_endpoint.hostname == service["metadata"]["name"] and app_endpoint.port in ports
+
+
+def test_the_grace_period_outlasts_the_sidecars_shutdown():
+    """SIGKILL comes terminationGracePeriodSeconds (compose: stop_grace_period) after SIGTERM; the sidecar's whole
+    shutdown, OTEL_EBPF_SHUTDOWN_TIMEOUT, must fit, with a few seconds for the interpreter to exit."""
+    settings = load_settings(environment(SIDECAR))
+    assert settings.shutdown_timeout_s + 3 <= POD["terminationGracePeriodSeconds"]
+    assert COMPOSE_SIDECAR["stop_grace_period"] == f"{POD['terminationGracePeriodSeconds']}s"
