@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Callable, TextIO
 
@@ -182,7 +181,9 @@ class Session:
         self.spans_ring, self.notices_ring = self.program.rings()
         self.waiter = Waiter([self.spans_ring, self.notices_ring])
         self.probes = _Probes(self.program, Attacher(self.program, mode), table, self.follow)
-        self.stop = threading.Event()
+        # Set by the signal handler: a plain flag, since a handler that takes a lock (Event.set) deadlocks when the
+        # next signal interrupts it inside that lock. The loop looks at it at least every POLL_S.
+        self.stopping = False
 
     def _metrics(self, console: TextIO) -> MetricsExporter | None:
         """Per-function latency histograms and loss counters, on their own schedule."""
@@ -248,7 +249,7 @@ class Session:
 
     def trace(self) -> None:
         """Until the command exits, or SIGINT/SIGTERM."""
-        while not (self.command.poll() is not None if self.command else self.stop.is_set()):
+        while not (self.command.poll() is not None if self.command else self.stopping):
             if self.processor.room():
                 self.waiter.wait(POLL_S)
             else:
@@ -344,7 +345,7 @@ def run(settings: Settings, table: ProbeTable, command: Command | None = None,
         raise
     try:
         def on_signal(signum, _frame):
-            session.stop.set()
+            session.stopping = True
             if command:
                 command.signal(signum)  # the command decides when to end; we trace until it does
 

@@ -70,10 +70,12 @@ def test_a_server_whose_master_forks_workers_traces_every_workers_first_request(
     the caller's trace, with the worker's probed call under it."""
     nginx = Nginx(tmp_path / "nginx")
     t = tracer(["trace", str(NGINX), NGINX_FUNCTION, "--", *nginx.argv()], **traces_to(receiver))
-    t.wait_ready()
-    wait_for_port(nginx.port)
-    check_first_request_of_every_worker(nginx, receiver)
-    nginx.stop()
+    try:
+        t.wait_ready()
+        wait_for_port(nginx.port)
+        check_first_request_of_every_worker(nginx, receiver)
+    finally:
+        nginx.stop()
     assert t.finish(timeout=60) == 0, t.stderr
 
 
@@ -215,3 +217,14 @@ def test_sigterm_ends_within_the_shutdown_timeout(tracer, receiver, tmp_path, ba
         assert len(receiver.spans()) == calls
     else:
         assert f"{calls} spans kept in {spool}" in last, t.stderr
+
+
+def test_a_burst_of_signals_still_ends_in_one_clean_shutdown(tracer):
+    """Supervisors and shells may send SIGTERM and SIGINT several times: the handler must never block on a lock the
+    interrupted code holds (a threading.Event did, and the tracer hung)."""
+    t = tracer(["trace", str(NESTED), "fib"], OTEL_TRACES_EXPORTER="none")
+    t.wait_ready()
+    for i in range(50):
+        t.proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGINT)
+    assert t.finish(timeout=30) == 0, t.stderr
+    assert t.stderr.splitlines()[-1].startswith("otel-ebpf: 0 spans made")
