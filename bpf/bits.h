@@ -39,6 +39,21 @@ static __always_inline __u32 hex_digit(__u8 c)
 	return 16;
 }
 
+/* `bytes` bytes from twice as many hex digits: 1 when they are not all zero, 0 when they are, -1 when a digit
+ * is not lower-case hex. */
+static __always_inline int decode_hex(const __u8 *text, __u8 *out, int bytes)
+{
+	__u8 any = 0;
+	for (int i = 0; i < bytes; i++) {
+		__u32 hi = hex_digit(text[2 * i]), lo = hex_digit(text[2 * i + 1]);
+		if (hi > 15 || lo > 15)
+			return -1;
+		out[i] = hi << 4 | lo;
+		any |= out[i];
+	}
+	return any != 0;
+}
+
 /* A W3C traceparent value ("00-<32 hex>-<16 hex>-<2 hex>"), read from `text` (at least 55 bytes, the length of
  * version 00; `length` says how many are valid), into trace_id (16 bytes), span_id (8) and the sampled flag.
  * Returns 0 unless it is valid as W3C section 3.2 says: version 00 exactly 55 bytes, a higher version at
@@ -53,25 +68,7 @@ static __always_inline int parse_traceparent(const __u8 *text, __u32 length, __u
 		return 0;
 	if (version == 0 ? length != 55 : (length > 55 && text[55] != '-'))
 		return 0;
-	__u8 any = 0;
-	for (int i = 0; i < 16; i++) {
-		__u32 hi = hex_digit(text[3 + 2 * i]), lo = hex_digit(text[4 + 2 * i]);
-		if (hi > 15 || lo > 15)
-			return 0;
-		trace_id[i] = hi << 4 | lo;
-		any |= trace_id[i];
-	}
-	if (!any)
-		return 0;
-	any = 0;
-	for (int i = 0; i < 8; i++) {
-		__u32 hi = hex_digit(text[36 + 2 * i]), lo = hex_digit(text[37 + 2 * i]);
-		if (hi > 15 || lo > 15)
-			return 0;
-		span_id[i] = hi << 4 | lo;
-		any |= span_id[i];
-	}
-	if (!any)
+	if (decode_hex(&text[3], trace_id, 16) <= 0 || decode_hex(&text[36], span_id, 8) <= 0)
 		return 0;
 	__u32 hi = hex_digit(text[53]), lo = hex_digit(text[54]);
 	if (hi > 15 || lo > 15)
