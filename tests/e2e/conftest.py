@@ -141,6 +141,10 @@ class Tracer:
         """A line of the tracer's or its command's stdout, e.g. a server's "listening port=" line."""
         return self._stdout.wait_for(pattern, timeout, alive=lambda: self.proc.poll() is None)
 
+    def output(self) -> str:
+        """The tracer's and its command's stdout so far (e.g. the console exporter's lines)."""
+        return self._stdout.text()
+
     def finish(self, sig: int | None = None, timeout: float = 60) -> int:
         if sig is not None:
             self.proc.send_signal(sig)
