@@ -24,7 +24,7 @@ unit: setup examples
 e2e: setup examples
 	$(PY) -m pytest tests/e2e
 
-# Tracing cost to the example's tight loop and span delivery, otel-ebpf vs bpftrace and the stock SDK (~3 min).
+# Tracing cost, span delivery and attach time, otel-ebpf vs bpftrace and the stock SDK (~3 min; README "Performance").
 bench: setup examples
 	$(PY) bench/run.py
 

@@ -64,7 +64,7 @@ MANY_PATTERNS = {1: "many_100", 40: "many_1[0-3][0-9]", 500: "many_*"}
 TARGETS = {
     "otlp_1_thread_lost": ("delivery.otlp_1_thread.lost", 0),
     "otlp_4_threads_lost": ("delivery.otlp_4_threads.lost", 0),
-    "sidecar_cpu_us_per_span": ("delivery.otlp_1_thread.cpu_us_per_span", 1.0),
+    "sidecar_cpu_us_per_span": ("delivery.otlp_1_thread.streaming_cpu_us_per_span", 1.0),
     "peak_rss_mb": ("delivery.otlp_1_thread.peak_rss_mb", 120.0),
     "target_cost_median_ratio": ("target_cost.ratio_median", 1.15),
     "target_cost_highest_round_ratio": ("target_cost.ratio_highest", 1.25),
@@ -96,6 +96,9 @@ DEFINITIONS = {
     "shutdown_s": "from the SIGINT sent to the sidecar as the loop exited to the sidecar's exit",
     "cpu_us_per_span": "the sidecar's own utime+stime (/proc/PID/stat, read at ready and as a zombie before it "
                        "is reaped) from ready to exit, per span received, microseconds",
+    "streaming_cpu_us_per_span": "otlp runs: the sidecar's own utime+stime from ready until the receiver has every "
+                                 "span, per span: the cost of each span end to end (ring buffer to OTLP bytes on the "
+                                 "wire), without the fixed cost of exiting; what issue 10's 1 us target judges",
     "cpu_startup_s": "the sidecar's utime+stime until ready, with the children it reaped (the BPF loader): "
                      "imports, BPF compilation, symbols, attaching",
     "peak_rss_mb": "the sidecar's own peak resident set (VmHWM from /proc, read every 10 ms until it exits), MiB",
@@ -287,6 +290,13 @@ def delivery_run(tracer: str, exporter: str, threads: int, calls: int) -> dict:
             loop.kill()
             sidecar.proc.kill()
             raise
+        streaming = math.nan
+        if exporter == "otlp":
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while receiver.distinct_spans() < calls // threads * threads and time.monotonic() < deadline \
+                    and sidecar.proc.poll() is None:
+                time.sleep(0.01)  # polling a condition: the receiver counts as requests arrive
+            streaming = sidecar.cpu_s()[0] - own_at_ready
         own_at_exit = sidecar.stop()
         if loop.returncode != 0:
             raise RuntimeError(f"the loop exited {loop.returncode}")
@@ -306,6 +316,7 @@ def delivery_run(tracer: str, exporter: str, threads: int, calls: int) -> dict:
         "spans_per_s": received / seconds if received else 0.0,
         "cpu_s": cpu,
         "cpu_us_per_span": cpu * 1e6 / received if received else math.nan,
+        "streaming_cpu_us_per_span": streaming * 1e6 / received if received else math.nan,
         "cpu_startup_s": startup,
         "peak_rss_mb": sidecar.peak_rss_kb / 1024,
         "shutdown_s": sidecar.shutdown_s,
@@ -407,11 +418,12 @@ def report(results: dict) -> str:
         "",
         "B) delivery: the sidecar traces the waiting loop by --pid",
         f"   {'':16s} {'calls':>8s} {'thr':>3s} {'received':>9s} {'lost':>8s} {'spans/s':>10s} {'CPU us/span':>11s} "
-        f"{'startup CPU s':>13s} {'peak RSS MiB':>12s} {'shutdown s':>10s} {'loop ns/call':>12s}",
+        f"{'streaming':>9s} {'startup CPU s':>13s} {'peak RSS MiB':>12s} {'shutdown s':>10s} {'loop ns/call':>12s}",
     ]
     for name, p in pipes.items():
         lines.append(f"   {name:16s} {p['calls']:8d} {p['threads']:3d} {p['received']:9d} {p['lost']:8d} "
-                     f"{p['spans_per_s']:10.0f} {p['cpu_us_per_span']:11.2f} {p['cpu_startup_s']:13.2f} "
+                     f"{p['spans_per_s']:10.0f} {p['cpu_us_per_span']:11.2f} {p['streaming_cpu_us_per_span']:9.2f} "
+                     f"{p['cpu_startup_s']:13.2f} "
                      f"{p['peak_rss_mb']:12.1f} {p['shutdown_s']:10.2f} {p['loop_ns_per_call']:12.1f}")
     lines += ["   the sidecars' last words:"] + [f"   {name:16s} {p['summary']}" for name, p in pipes.items()]
     lines += [

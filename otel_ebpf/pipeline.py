@@ -153,7 +153,11 @@ class FailureReport:
 
 
 class BatchProcessor:
-    """Bounded queue between the ring-buffer drain loop (producer, must never block) and one export thread.
+    """Bounded queue between the ring-buffer drain loop (producer, must never block) and the export threads.
+
+    Several export threads keep several requests in flight: on a busy machine a backend's round trip is mostly
+    waiting (for the receiver to be scheduled, to parse, to answer), and one request at a time would make that
+    wait the ceiling of the throughput.
 
     The drain loop asks for room() before reading the ring buffer, so a slow exporter leaves events in
     the kernel's ring buffer (compact, bounded, counted when full) instead of piling up Python objects.
@@ -172,6 +176,7 @@ class BatchProcessor:
         schedule_delay_s: float,
         export_timeout_s: float,
         report_interval_s: float = 30.0,
+        exporters: int = 1,
     ):
         self._encode = encode
         self._sinks = sinks
@@ -187,8 +192,10 @@ class BatchProcessor:
         self._has_room = threading.Condition(self._cond)  # the export thread took items
         self._stop_deadline: float | None = None
         self._exported = self._dropped_full = self._dropped_shutdown = self._failed = self._rejected = 0
-        self._thread = threading.Thread(target=self._run, name="otel-ebpf-export", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"otel-ebpf-export-{i}", daemon=True)
+                         for i in range(exporters)]
+        for thread in self._threads:
+            thread.start()
 
     def add(self, chunk: Sequence) -> None:
         """Queue a chunk without blocking; its items beyond the room left are dropped and counted."""
@@ -223,13 +230,15 @@ class BatchProcessor:
             if self._stop_deadline is not None:
                 return
             deadline = self._stop_deadline = time.monotonic() + timeout_s
-            self._cond.notify()
-        self._thread.join(timeout_s)
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._exporter is not None:
             self._exporter.close(deadline)  # what is left of the time goes to the retry queue
-        # Closing interrupts a retry still waiting on a dead collector; the thread then ends quickly.
+        # Closing interrupts a retry still waiting on a dead collector; the threads then end quickly.
         close_all(self._sinks)
-        self._thread.join(1.0)
+        for thread in self._threads:
+            thread.join(1.0)
         with self._cond:
             self._dropped_shutdown += self._queued
             self._queue.clear()

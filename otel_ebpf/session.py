@@ -176,7 +176,8 @@ class Session:
             _sinks(settings.traces_exporters, lambda: span_exporter(settings), ConsoleFormat(table.info, self.clock),
                    console),
             max_queue_size=settings.bsp_max_queue_size, max_batch_size=settings.bsp_max_export_batch_size,
-            schedule_delay_s=settings.bsp_schedule_delay_s, export_timeout_s=settings.bsp_export_timeout_s)
+            schedule_delay_s=settings.bsp_schedule_delay_s, export_timeout_s=settings.bsp_export_timeout_s,
+            exporters=settings.export_concurrency)
         self.metrics = self._metrics(console)
         self.spans_ring, self.notices_ring = self.program.rings()
         self.waiter = Waiter([self.spans_ring, self.notices_ring])
@@ -277,9 +278,14 @@ class Session:
             if not (self.spans_ring.head_busy() or self.notices_ring.head_busy()):
                 break
             time.sleep(0.001)
+        drained = time.monotonic()
         self.processor.shutdown(max(0.0, min(self.settings.bsp_export_timeout_s, spans_deadline - time.monotonic())))
+        exported = time.monotonic()
         if self.metrics:
             self.metrics.shutdown(max(0.1, min(self.settings.metric_export_timeout_s, deadline - time.monotonic())))
+        _log.debug("shutdown: drained in %.3f s, spans exported in %.3f s, metrics in %.3f s",
+                   drained - (deadline - self.settings.shutdown_timeout_s) - detach_s, exported - drained,
+                   time.monotonic() - exported)
         self._summarise(still_followed)
 
     def close(self) -> None:

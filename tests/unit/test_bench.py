@@ -23,7 +23,7 @@ MEASURED = ("seconds", "spans_per_s", "cpu_s", "cpu_us_per_span", "cpu_startup_s
 TARGETS = {
     "otlp_1_thread_lost": ("delivery", "otlp_1_thread", "lost"),
     "otlp_4_threads_lost": ("delivery", "otlp_4_threads", "lost"),
-    "sidecar_cpu_us_per_span": ("delivery", "otlp_1_thread", "cpu_us_per_span"),
+    "sidecar_cpu_us_per_span": ("delivery", "otlp_1_thread", "streaming_cpu_us_per_span"),
     "peak_rss_mb": ("delivery", "otlp_1_thread", "peak_rss_mb"),
     "target_cost_median_ratio": ("target_cost", "ratio_median"),
     "target_cost_highest_round_ratio": ("target_cost", "ratio_highest"),

@@ -29,7 +29,7 @@ def test_defaults_ignore_unrelated_variables():
         assert (otlp.timeout_s, otlp.compression, otlp.headers) == (10.0, "none", {})
     assert (settings.sampler.name, settings.sampler.ratio) == ("parentbased_always_on", 1.0)
     assert (settings.bsp_schedule_delay_s, settings.bsp_export_timeout_s) == (5.0, 30.0)
-    assert (settings.bsp_max_export_batch_size, settings.bsp_max_queue_size) == (512, 2048)
+    assert (settings.bsp_max_export_batch_size, settings.bsp_max_queue_size) == (4096, 16384)
     assert (settings.metric_export_interval_s, settings.metric_export_timeout_s) == (60.0, 30.0)
     assert (settings.max_depth, settings.max_threads, settings.ring_buffer_size) == (32, 16384, 8 << 20)
     assert settings.min_duration_ns == 0
@@ -290,7 +290,7 @@ def test_invalid_argument_names_the_argument():
 
 def test_settings_doc_lists_every_variable_once():
     names = [name for name, _, _ in config.SETTINGS_DOC]
-    assert len(names) == len(set(names)) == 55
+    assert len(names) == len(set(names)) == 56
     assert (config.OTEL_EBPF_RING_BUFFER_SIZE, "8M") in [row[:2] for row in config.SETTINGS_DOC]
     assert (SAMPLER, "parentbased_always_on") in [row[:2] for row in config.SETTINGS_DOC]
     assert all(meaning for _, _, meaning in config.SETTINGS_DOC)
