@@ -60,7 +60,7 @@ def _floor(binary: str, address: int, calls: int) -> float:
 def _ours(binary: str, table: ProbeTable, calls: int) -> float:
     """otel-ebpf's two programs with default tunables and HTTP tracing, attached system-wide as `run` would."""
     mode = choose_mode("auto")
-    program = Program(Tunables(http=True), mode == "multi")
+    program = Program(Tunables(http=True), mode)
     attacher = Attacher(program, mode)
     try:
         for path, probes in table.by_binary().items():

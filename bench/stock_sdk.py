@@ -97,7 +97,7 @@ def main() -> int:
         signal.signal(s, lambda *_: stop.set())
     # The very kernel side otel-ebpf builds, following the process.
     mode = choose_mode(settings.attach)
-    program = Program(Tunables.from_settings(settings, follow_only=True), mode == "multi")
+    program = Program(Tunables.from_settings(settings, follow_only=True), mode)
     program.follow(args.pid)
     attacher = Attacher(program, mode)
     for binary, probes in table.by_binary().items():

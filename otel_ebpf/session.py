@@ -165,7 +165,7 @@ class Session:
         self.pids = list(settings.pids)
         self.follow = command is not None or bool(self.pids)
         mode = choose_mode(settings.attach)
-        self.program = Program(Tunables.from_settings(settings, follow_only=self.follow), mode == "multi")
+        self.program = Program(Tunables.from_settings(settings, follow_only=self.follow), mode)
         self.clock = WallClock()
         self.registry = ProcessRegistry(settings.service_name, settings.resource_attributes)
         self.correlator = Correlator(self.registry, settings.sampler.samples, settings.sampler.parent_based,

@@ -55,12 +55,12 @@ def kernel_release() -> tuple[int, int]:
     return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", platform.release()).groups())
 
 
-def missing_privileges(effective: int, kernel: tuple[int, int], tracefs_readable: bool, tracefs_writable: bool,
-                       multi_links: bool) -> dict[int, str]:
+def missing_privileges(effective: int, kernel: tuple[int, int], tracefs_readable: bool, mode: str) -> dict[int, str]:
     """The capabilities this kernel will ask for that the effective set lacks, each with what it is for.
 
-    CAP_SYS_ADMIN passes every check CAP_BPF and CAP_PERFMON pass, so it stands in for both. `multi_links`: the
-    uprobes are attached with multi-uprobe links (Linux 6.6+), which need nothing more.
+    CAP_SYS_ADMIN passes every check CAP_BPF and CAP_PERFMON pass, so it stands in for both. `mode`: how the
+    uprobes are attached (kernel.attach): multi-uprobe links (Linux 6.6+) and uprobes written to tracefs need
+    nothing more; perf's uprobe PMU needs CAP_SYS_ADMIN since Linux 6.16.
     """
     def has(capability: int) -> bool:
         return bool(effective >> capability & 1)
@@ -70,15 +70,15 @@ def missing_privileges(effective: int, kernel: tuple[int, int], tracefs_readable
         missing[CAP_BPF] = "to load eBPF programs"
     if not (has(CAP_PERFMON) or admin):
         missing[CAP_PERFMON] = "to attach them"
-    if not admin and not multi_links and kernel >= UPROBES_NEED_SYS_ADMIN and not tracefs_writable:
-        missing[CAP_SYS_ADMIN] = ("to create uprobes on Linux 6.16+ without multi-uprobe links, unless tracefs "
-                                  "is writable")
+    if not admin and mode == "perf" and kernel >= UPROBES_NEED_SYS_ADMIN:
+        missing[CAP_SYS_ADMIN] = ("to create uprobes with perf on Linux 6.16+ (OTEL_EBPF_ATTACH=multi or "
+                                  "tracefs need it not)")
     if not tracefs_readable:
         missing[CAP_DAC_READ_SEARCH] = "to read tracefs, which only root may"
     return missing
 
 
-def check_privileges(multi_links: bool) -> None:
+def check_privileges(mode: str) -> None:
     """Refuse to start without what the kernel will ask for, naming each missing capability and how to grant it.
 
     Reads the effective set even as root: a container's root lacks whatever cap_drop removed. Without
@@ -93,10 +93,13 @@ def check_privileges(multi_links: bool) -> None:
         raise UserError("tracefs is not mounted at /sys/kernel/tracing",
                         "mount -t tracefs nodev /sys/kernel/tracing (make setup does), or in a container "
                         "mount the host's /sys/kernel/tracing")
+    uprobe_events = os.path.join(tracefs_path, "uprobe_events")
+    if mode == "tracefs" and not os.access(uprobe_events, os.W_OK, effective_ids=True):
+        raise UserError(f"OTEL_EBPF_ATTACH=tracefs needs {uprobe_events} writable, and it is not",
+                        "mount tracefs read-write, or leave OTEL_EBPF_ATTACH at auto")
     effective = effective_capabilities()
-    missing = missing_privileges(
-        effective, kernel, os.access(tracefs_path, os.R_OK | os.X_OK, effective_ids=True),
-        os.access(os.path.join(tracefs_path, "uprobe_events"), os.W_OK, effective_ids=True), multi_links)
+    missing = missing_privileges(effective, kernel, os.access(tracefs_path, os.R_OK | os.X_OK, effective_ids=True),
+                                 mode)
     if missing:
         names = [CAPABILITY_NAMES[capability] for capability in missing]
         reasons = [f"CAP_{name} ({why})" for name, why in zip(names, missing.values())]

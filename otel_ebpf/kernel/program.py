@@ -106,11 +106,12 @@ def cflags(tunables: Tunables) -> list[str]:
 class Program:
     """The loaded program; close() unloads it (and with it every uprobe still linked to it)."""
 
-    def __init__(self, tunables: Tunables, multi_links: bool):
-        privileges.check_privileges(multi_links)
+    def __init__(self, tunables: Tunables, attach_mode: str):
+        """attach_mode: how its uprobes will be attached (kernel.attach.choose_mode)."""
+        privileges.check_privileges(attach_mode)
         privileges.check_kernel_headers()
         self.tunables = tunables
-        self.multi_links = multi_links
+        multi_links = attach_mode == "multi"
         flags = cflags(tunables)
         maps = loader.MAPS + (loader.PIDNS_MAPS if any(f.startswith("-DPIDNS_INO") for f in flags) else ())
         fds, self._tracepoint_fds = _run_loader({"source": source(), "cflags": flags, "multi": multi_links,

@@ -25,7 +25,7 @@ def loaded(tunables: Tunables, pid: int | None = None):
     table = ProbeTable()
     table.add(plan(path, symbols.resolve(path, FUNCTIONS)))
     mode = choose_mode("auto")
-    program = Program(tunables, mode == "multi")
+    program = Program(tunables, mode)
     attacher = Attacher(program, mode)
     try:
         for binary, probes in table.by_binary().items():

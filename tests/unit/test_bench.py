@@ -44,7 +44,7 @@ def results(tmp_path_factory):
     build_examples()
     output = tmp_path_factory.mktemp("bench") / "results.json"
     run = subprocess.run([sys.executable, "bench/run.py", "--quick", "--output", str(output)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=False)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"results: {output}" in run.stdout
     for section in ("A) cost to the traced program", "B) delivery", "C) attach and detach", "targets",
