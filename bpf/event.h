@@ -101,36 +101,54 @@ struct process_notice {
 #define PROCESS_CAUSE_FORK 2     /* forked from parent_pid: the same program */
 #define PROCESS_CAUSE_FOUND 3    /* first seen at a probed call; identity captured if its exec was seen */
 
-/* Bytes of a request kept for user space to parse: request line and the headers that fit. */
+/* Bytes of a read kept for user space to parse: request line and the headers that fit. */
 #define HTTP_REQUEST_CAPTURE 1024
-/* Bytes of a response kept: the status line. */
-#define HTTP_RESPONSE_CAPTURE 32
+/* Reads of one request sent until its response starts: enough for header sections of a few KiB. */
+#define HTTP_REQUEST_READS 4
+/* Bytes kept of a response write: the status line and header section (from the write's first buffer). */
+#define HTTP_RESPONSE_CAPTURE 512
+/* Response writes whose first bytes are kept: a header section written piece by piece. */
+#define HTTP_RESPONSE_HEAD_WRITES 4
+/* Bytes kept of the end of every response write: where a chunked body's last chunk shows. */
+#define HTTP_RESPONSE_TAIL 8
 
-/* An HTTP/1.x request arrived on a socket of a watched process: the start of a SERVER span. */
+/* A read of an HTTP/1.x request on an accepted socket of a watched process: its first read (read == 0)
+ * starts a SERVER span; later reads (read 1, 2, ..., while no response was written) continue its header
+ * section. */
 struct http_request_notice {
 	struct notice_header header; /* NOTICE_HTTP_REQUEST */
 	__u32 fd;                /* the connection's file descriptor in that process */
 	__u32 pid;
-	__u32 tid;               /* the thread that read the request */
+	__u32 tid;               /* the thread that read it */
 	__u32 process_seq;
-	__u64 start_ns;          /* CLOCK_MONOTONIC when the read that brought the request returned */
+	__u64 start_ns;          /* CLOCK_MONOTONIC when the read returned */
 	__u64 trace_id[2];       /* made here; user space replaces it by a traceparent header's */
 	__u64 span_id;           /* of the SERVER span: parent of the function spans on the handling thread */
 	__u32 sampled;           /* the kernel's sampling decision for this request's trace */
 	__u32 length;            /* bytes of data that are valid; only these are sent */
+	__u32 read;              /* 0: the read that began the request; then later reads of it */
+	__u16 peer_family;       /* AF_INET or AF_INET6 as accept returned the peer, else 0 (unknown) */
+	__u16 peer_port;         /* host byte order */
+	__u8 peer_addr[16];      /* AF_INET: the first 4 bytes */
 	__u8 data[HTTP_REQUEST_CAPTURE];
 };
 
-/* The response to a request was written, or the connection closed without one (length 0). */
+/* A response write on a connection with a request in flight (write, writev, sendto, sendmsg, sendfile,
+ * splice), or the connection's close (closed = 1). User space finds where the response ends from these. */
 struct http_response_notice {
-	struct notice_header header; /* NOTICE_HTTP_RESPONSE */
+	struct notice_header header; /* NOTICE_HTTP_RESPONSE; records without data end at `data` */
 	__u32 fd;
 	__u32 pid;
 	__u32 tid;
-	__u32 length;
-	__u64 end_ns;            /* CLOCK_MONOTONIC when the write of the response returned */
-	__u64 span_id;           /* of the SERVER span it ends, as in its http_request_notice */
-	__u8 data[HTTP_RESPONSE_CAPTURE];
+	__u32 length;            /* bytes of data that are valid: the write's first bytes */
+	__u64 end_ns;            /* CLOCK_MONOTONIC when the write returned, or at the close */
+	__u64 span_id;           /* of the SERVER span of the connection's request, as in its http_request_notice */
+	__u64 written;           /* bytes the write wrote: its return value */
+	__u32 write;             /* writes of this response before this one */
+	__u16 closed;            /* 1: the connection closed; nothing was written */
+	__u16 tail_length;       /* bytes of tail that are valid */
+	__u8 tail[HTTP_RESPONSE_TAIL]; /* the last bytes written (not for sendfile and splice: file data) */
+	__u8 data[HTTP_RESPONSE_CAPTURE]; /* only while write < HTTP_RESPONSE_HEAD_WRITES */
 };
 
 /* Never sent: the value type of the `event_layout` map, so user space can check every layout. */

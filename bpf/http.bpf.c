@@ -1,9 +1,24 @@
 /* HTTP/1.x SERVER spans from syscall tracepoints, part of otel_ebpf.bpf.c when HTTP_TRACING is set.
  *
- * On sockets of watched processes only: the first read of a connection that starts with an HTTP method
- * begins a request (its first bytes go to user space, which parses them), and the next write on that
- * connection (or its close) ends it. While a request is in flight, the thread that read it carries its
- * trace context, so probed calls there become children of the SERVER span. */
+ * What a descriptor is comes from the syscalls themselves (never from kernel structs, whose layout changes
+ * between kernels): accept makes a socket, with its peer's address, dup copies it, close and open forget
+ * it. On those sockets of watched processes a read that starts with an HTTP method begins a request; its
+ * reads and the writes of its response go to user space, which parses the one and finds where the other
+ * ends (RFC 9112). Requests are kept per connection: an event loop that reads B before answering A keeps
+ * both. A thread serves the request it last read, until it has written some of the response and then
+ * waits for events or reads again, or the connection closes; probed calls there are its children. */
+
+#define AF_INET_FAMILY 2
+#define AF_INET6_FAMILY 10
+#define F_DUPFD_CMD 0
+#define F_DUPFD_CLOEXEC_CMD 1030
+/* Of a writev's iovecs, how many are looked at to find the last bytes it wrote. */
+#define TAIL_IOVECS 8
+
+struct user_iovec {
+	__u64 base;
+	__u64 len;
+};
 
 /* The first four bytes of every HTTP/1.x method user space knows, little-endian. */
 static __always_inline int starts_like_http(__u32 head)
@@ -23,8 +38,33 @@ static __always_inline int starts_like_http(__u32 head)
 	return 0;
 }
 
-/* Reads are kept on watched processes; writes only on connections with a request in flight. */
-static __always_inline void remember_read(int fd, const void *buf)
+static __always_inline void remember_io(int fd, const void *buf, __u32 op)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io io = {.buf = (__u64)buf, .fd = fd, .op = op};
+	pending_io.update(&id, &io);
+}
+
+/* The socket `fd` of process `tgid` if otel-ebpf saw it accepted there or in the parent it was forked from. */
+static __always_inline struct socket_info *accepted_socket(__u32 tgid, int fd, struct process_info *info)
+{
+	struct connection_key conn = {.tgid = tgid, .fd = fd};
+	struct socket_info *sock = sockets.lookup(&conn);
+	if (sock && sock->process_seq != info->seq && sock->process_seq != info->parent_seq)
+		return NULL; /* a descriptor of the program before an exec */
+	return sock;
+}
+
+/* A thread that wrote part of its request's response and now reads a connection or waits for events again is
+ * done with it (a file it reads meanwhile may be the rest of the response). */
+static __always_inline void leave_answered_request(__u64 id)
+{
+	struct request_context *serving = thread_requests.lookup(&id);
+	if (serving && serving->writes)
+		thread_requests.delete(&id);
+}
+
+static __always_inline void remember_read(int fd, const void *buf, __u32 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
@@ -32,49 +72,89 @@ static __always_inline void remember_read(int fd, const void *buf)
 	if (!info)
 		return;
 	announce_fork(tgid, info);
-	struct pending_io io = {.buf = (__u64)buf, .fd = fd};
-	pending_reads.update(&id, &io);
+	if (!accepted_socket(tgid, fd, info))
+		return;
+	leave_answered_request(id);
+	remember_io(fd, buf, op);
 }
 
-static __always_inline void remember_write(int fd, const void *buf)
+/* Writes are kept only on connections with a request in flight. */
+static __always_inline void remember_write(int fd, const void *buf, __u32 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
-	if (!requests.lookup(&conn))
-		return;
-	struct pending_io io = {.buf = (__u64)buf, .fd = fd};
-	pending_writes.update(&id, &io);
+	if (requests.lookup(&conn))
+		remember_io(fd, buf, op);
 }
 
-/* The arguments remembered at the syscall's entry, if any: each serves one exit. */
-static __always_inline int take_pending(int write, __u64 id, struct pending_io *io)
+/* The arguments remembered at the syscall's entry, if they are of one of ops [first, last]: each serves one
+ * exit. */
+static __always_inline int take_pending(__u64 id, __u32 first, __u32 last, struct pending_io *io)
 {
-	struct pending_io *pending = write ? pending_writes.lookup(&id) : pending_reads.lookup(&id);
+	struct pending_io *pending = pending_io.lookup(&id);
 	if (!pending)
 		return 0;
 	*io = *pending;
-	if (write)
-		pending_writes.delete(&id);
-	else
-		pending_reads.delete(&id);
-	return 1;
+	pending_io.delete(&id);
+	return io->op >= first && io->op <= last;
 }
 
-static __always_inline void on_read(long ret)
+/* Where the first bytes of the data are, and how many: a buffer, or the first of an iovec array. */
+static __always_inline __u64 first_buffer(struct pending_io *io, long ret, __u64 *length)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io io;
-	if (!take_pending(0, id, &io))
-		return;
-	if (ret < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
-		return;
-	struct connection_key conn = {.tgid = id >> 32, .fd = io.fd};
-	if (requests.lookup(&conn))
-		return; /* more of a request already seen: its body */
-	__u32 head = 0;
-	if (bpf_probe_read_user(&head, sizeof(head), (void *)io.buf) || !starts_like_http(head))
-		return;
+	__u64 vec = io->buf;
+	*length = ret;
+	if (io->op == IO_READ || io->op == IO_WRITE)
+		return io->buf;
+	if (io->op == IO_RECVMSG || io->op == IO_SENDMSG) {
+		if (bpf_probe_read_user(&vec, sizeof(vec), (void *)(io->buf + 16))) /* msghdr.msg_iov */
+			return 0;
+	}
+	struct user_iovec iov = {};
+	if (bpf_probe_read_user(&iov, sizeof(iov), (void *)vec))
+		return 0;
+	if (iov.len < *length)
+		*length = iov.len;
+	return iov.base;
+}
 
+/* The last bytes of what the write wrote, `ret` bytes from its buffer or across its iovecs. */
+static __always_inline __u32 read_tail(struct pending_io *io, long ret, __u8 *tail)
+{
+	__u64 end = 0;
+	if (io->op == IO_WRITE) {
+		end = io->buf + ret;
+	} else if (io->op == IO_WRITEV || io->op == IO_SENDMSG) {
+		__u64 vec = io->buf;
+		if (io->op == IO_SENDMSG && bpf_probe_read_user(&vec, sizeof(vec), (void *)(io->buf + 16)))
+			return 0;
+		__u64 left = ret;
+		for (int i = 0; i < TAIL_IOVECS; i++) {
+			struct user_iovec iov = {};
+			if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(vec + i * sizeof(iov))))
+				return 0;
+			if (left <= iov.len) {
+				end = iov.base + left;
+				ret = left < ret ? left : ret; /* the tail lies in this buffer */
+				break;
+			}
+			left -= iov.len;
+		}
+	}
+	if (!end)
+		return 0;
+	__u32 n = ret < HTTP_RESPONSE_TAIL ? ret : HTTP_RESPONSE_TAIL;
+	asm volatile("" : "+r"(n));
+	if (n > HTTP_RESPONSE_TAIL)
+		n = HTTP_RESPONSE_TAIL;
+	if (n == 0 || bpf_probe_read_user(tail, n, (void *)(end - n)))
+		return 0;
+	return n;
+}
+
+static __always_inline void send_request_notice(struct request_context *request, struct socket_info *sock,
+						__u64 buf, __u64 length, __u32 read)
+{
 	struct bpf_pidns_info ns = {};
 	if (visible_ids(&ns))
 		return;
@@ -83,95 +163,275 @@ static __always_inline void on_read(long ret)
 		count(COUNTER_NOTICES_LOST);
 		return;
 	}
-	struct request_context request = {.span_id = random_id(), .thread = id};
-	request.trace_id[0] = random_id();
-	request.trace_id[1] = random_id();
-#ifdef PARENT_BASED
-	request.sampled = 1; /* a traceparent header may decide; user space applies the rule */
-#else
-	request.sampled = sample_root(request.trace_id[1]);
-#endif
-	__u32 length = ret < HTTP_REQUEST_CAPTURE ? ret : HTTP_REQUEST_CAPTURE;
-	asm volatile("" : "+r"(length));
-	if (length > HTTP_REQUEST_CAPTURE)
-		length = HTTP_REQUEST_CAPTURE;
-	if (bpf_probe_read_user(event->data, length, (void *)io.buf))
-		length = 0;
+	__u32 n = length < HTTP_REQUEST_CAPTURE ? length : HTTP_REQUEST_CAPTURE;
+	asm volatile("" : "+r"(n));
+	if (n > HTTP_REQUEST_CAPTURE)
+		n = HTTP_REQUEST_CAPTURE;
+	if (bpf_probe_read_user(event->data, n, (void *)buf))
+		n = 0;
 	event->header.kind = NOTICE_HTTP_REQUEST;
 	event->header.length = sizeof(*event);
-	event->fd = io.fd;
+	event->fd = request->fd;
 	event->start_ns = bpf_ktime_get_ns();
-	event->trace_id[0] = request.trace_id[0];
-	event->trace_id[1] = request.trace_id[1];
-	event->span_id = request.span_id;
+	event->trace_id[0] = request->trace_id[0];
+	event->trace_id[1] = request->trace_id[1];
+	event->span_id = request->span_id;
 	event->pid = ns.tgid;
 	event->tid = ns.pid;
-	event->length = length;
-	event->sampled = request.sampled;
-	__u32 tgid = id >> 32;
+	event->length = n;
+	event->sampled = request->sampled;
+	event->read = read;
+	event->peer_family = sock->family;
+	event->peer_port = sock->port;
+	__builtin_memcpy(event->peer_addr, sock->addr, sizeof(event->peer_addr));
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct process_info *info = processes.lookup(&tgid);
 	event->process_seq = info ? info->seq : 0;
 	notices.ringbuf_submit(event, 0);
-	requests.update(&conn, &request);
-	thread_requests.update(&id, &request);
 }
 
-/* The end of the request on `fd`: its response (the written bytes), or none when length is 0. */
-static __always_inline void finish_request(int fd, const void *buf, long length)
+static __always_inline void on_read(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
-	struct request_context *request = requests.lookup(&conn);
-	if (!request)
+	struct pending_io io;
+	if (!take_pending(id, IO_READ, IO_RECVMSG, &io) || ret <= 0)
 		return;
+	__u32 tgid = id >> 32;
+	struct process_info *info = processes.lookup(&tgid);
+	if (!info)
+		return;
+	struct socket_info *sock = accepted_socket(tgid, io.fd, info);
+	if (!sock)
+		return;
+	__u64 length;
+	__u64 buf = first_buffer(&io, ret, &length);
+	if (!buf)
+		return;
+	struct connection_key conn = {.tgid = tgid, .fd = io.fd};
+	struct request_context *request = requests.lookup(&conn);
+	if (request && !request->writes) {
+		/* More of a request not yet answered: the rest of its header section, or its body. */
+		if (request->reads < HTTP_REQUEST_READS)
+			send_request_notice(request, sock, buf, length, request->reads++);
+		return;
+	}
+	if (length < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
+		return;
+	__u32 head = 0;
+	if (bpf_probe_read_user(&head, sizeof(head), (void *)buf) || !starts_like_http(head))
+		return;
+	struct request_context fresh = {.span_id = random_id(), .thread = id, .fd = io.fd, .reads = 1};
+	fresh.trace_id[0] = random_id();
+	fresh.trace_id[1] = random_id();
+#ifdef PARENT_BASED
+	fresh.sampled = 1; /* a traceparent header may decide; user space applies the rule */
+#else
+	fresh.sampled = sample_root(fresh.trace_id[1]);
+#endif
+	send_request_notice(&fresh, sock, buf, length, 0);
+	requests.update(&conn, &fresh);
+	thread_requests.update(&id, &fresh);
+}
+
+/* A response write (data: its first bytes and last bytes), or the close of the connection (closed). */
+static __always_inline void send_response_notice(struct request_context *request, struct pending_io *io,
+						 long ret, int closed)
+{
 	struct bpf_pidns_info ns = {};
 	visible_ids(&ns);
-	struct http_response_notice *event = notices.ringbuf_reserve(sizeof(struct http_response_notice));
-	if (event) {
+	int head = !closed && io->op != IO_SENDFILE && request->writes < HTTP_RESPONSE_HEAD_WRITES;
+	struct http_response_notice *event;
+	if (head)
+		event = notices.ringbuf_reserve(sizeof(struct http_response_notice));
+	else
+		event = notices.ringbuf_reserve(offsetof(struct http_response_notice, data));
+	if (!event) {
+		count(COUNTER_NOTICES_LOST);
+		return;
+	}
+	event->header.kind = NOTICE_HTTP_RESPONSE;
+	event->header.length = head ? sizeof(*event) : offsetof(struct http_response_notice, data);
+	event->fd = request->fd;
+	event->end_ns = bpf_ktime_get_ns();
+	event->span_id = request->span_id;
+	event->pid = ns.tgid;
+	event->tid = ns.pid;
+	event->written = closed ? 0 : ret;
+	event->write = request->writes;
+	event->closed = closed;
+	event->length = 0;
+	event->tail_length = closed ? 0 : read_tail(io, ret, event->tail);
+	if (head) {
+		__u64 length;
+		__u64 buf = first_buffer(io, ret, &length);
 		__u32 n = length < HTTP_RESPONSE_CAPTURE ? length : HTTP_RESPONSE_CAPTURE;
 		asm volatile("" : "+r"(n));
 		if (n > HTTP_RESPONSE_CAPTURE)
 			n = HTTP_RESPONSE_CAPTURE;
-		if (n && bpf_probe_read_user(event->data, n, buf))
-			n = 0;
-		event->header.kind = NOTICE_HTTP_RESPONSE;
-		event->header.length = sizeof(*event);
-		event->fd = fd;
-		event->end_ns = bpf_ktime_get_ns();
-		event->span_id = request->span_id;
-		event->pid = ns.tgid;
-		event->tid = ns.pid;
-		event->length = n;
-		notices.ringbuf_submit(event, 0);
-	} else {
-		count(COUNTER_NOTICES_LOST);
+		if (buf && n && !bpf_probe_read_user(event->data, n, (void *)buf))
+			event->length = n;
 	}
-	thread_requests.delete(&request->thread);
-	requests.delete(&conn);
+	notices.ringbuf_submit(event, 0);
 }
 
 static __always_inline void on_write(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct pending_io io;
-	if (!take_pending(1, id, &io))
+	if (!take_pending(id, IO_WRITE, IO_SENDFILE, &io) || ret <= 0)
 		return;
-	if (ret > 0)
-		finish_request(io.fd, (void *)io.buf, ret);
+	struct connection_key conn = {.tgid = id >> 32, .fd = io.fd};
+	struct request_context *request = requests.lookup(&conn);
+	if (!request)
+		return;
+	send_response_notice(request, &io, ret, 0);
+	if (request->writes < 0xffffffff)
+		request->writes++;
+	struct request_context *serving = thread_requests.lookup(&id);
+	if (serving && serving->span_id == request->span_id)
+		serving->writes = 1;
 }
 
-/* The thread is gone (or exec'd): its request and syscalls in progress with it. */
+static __always_inline void remember_accept(int fd, const void *peer)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (current_process(tgid))
+		remember_io(fd, peer, IO_ACCEPT);
+}
+
+/* The peer's address from a sockaddr accept or getpeername filled in; family 0 if it is not IP. */
+static __always_inline void read_peer(__u64 sockaddr, struct socket_info *sock)
+{
+	struct {
+		__u16 family;
+		__u16 port; /* network byte order */
+		__u32 v4_or_flowinfo;
+		__u8 v6[16];
+	} addr = {};
+	if (!sockaddr || bpf_probe_read_user(&addr, sizeof(addr), (void *)sockaddr))
+		return;
+	if (addr.family == AF_INET_FAMILY) {
+		sock->family = AF_INET_FAMILY;
+		__builtin_memcpy(sock->addr, &addr.v4_or_flowinfo, 4);
+	} else if (addr.family == AF_INET6_FAMILY) {
+		sock->family = AF_INET6_FAMILY;
+		__builtin_memcpy(sock->addr, addr.v6, 16);
+	} else {
+		return;
+	}
+	sock->port = (addr.port >> 8) | (addr.port << 8);
+}
+
+/* A connection accepted: a socket whose reads may begin requests, and its peer's address (unless accept was
+ * given no sockaddr: then getpeername, if the server calls it). */
+static __always_inline void on_accept(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io io;
+	if (!take_pending(id, IO_ACCEPT, IO_ACCEPT, &io) || ret < 0)
+		return;
+	__u32 tgid = id >> 32;
+	struct process_info *info = processes.lookup(&tgid);
+	if (!info)
+		return;
+	struct socket_info sock = {.process_seq = info->seq};
+	read_peer(io.buf, &sock);
+	struct connection_key conn = {.tgid = tgid, .fd = ret};
+	sockets.update(&conn, &sock);
+}
+
+static __always_inline void remember_peername(int fd, const void *peer)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
+	struct socket_info *sock = sockets.lookup(&conn);
+	if (sock && !sock->family)
+		remember_io(fd, peer, IO_PEERNAME);
+}
+
+static __always_inline void on_peername(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io io;
+	if (!take_pending(id, IO_PEERNAME, IO_PEERNAME, &io) || ret < 0)
+		return;
+	struct connection_key conn = {.tgid = id >> 32, .fd = io.fd};
+	struct socket_info *sock = sockets.lookup(&conn);
+	if (sock)
+		read_peer(io.buf, sock);
+}
+
+static __always_inline void remember_dup(__u32 fd)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (current_process(tgid))
+		remember_io(fd, NULL, IO_DUP);
+}
+
+/* dup and fcntl(F_DUPFD): the new descriptor is whatever the old one is. */
+static __always_inline void on_dup(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io io;
+	if (!take_pending(id, IO_DUP, IO_DUP, &io) || ret < 0 || ret == io.fd)
+		return;
+	struct connection_key old = {.tgid = id >> 32, .fd = io.fd};
+	struct connection_key copy = {.tgid = id >> 32, .fd = ret};
+	struct socket_info *sock = sockets.lookup(&old);
+	if (sock) {
+		struct socket_info same = *sock;
+		sockets.update(&copy, &same);
+	} else {
+		sockets.delete(&copy);
+	}
+}
+
+/* A new file takes a number a socket closed without otel-ebpf seeing it (close_range, a closed-on-exec
+ * socket) may have left behind. */
+static __always_inline void on_open(long ret)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (ret < 0 || !processes.lookup(&tgid))
+		return;
+	struct connection_key conn = {.tgid = tgid, .fd = ret};
+	sockets.delete(&conn);
+}
+
+/* The thread is gone (or exec'd): its request and syscall in progress with it. */
 static __always_inline void forget_thread(__u64 id)
 {
 	thread_requests.delete(&id);
-	pending_reads.delete(&id);
-	pending_writes.delete(&id);
+	pending_io.delete(&id);
 }
 
-/* A descriptor closes: a request still open on it ends without a response. */
+/* A thread started while its creator serves a request serves it too. */
+static __always_inline void inherit_request(__u32 tgid, __u32 child_tid)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct request_context *serving = thread_requests.lookup(&id);
+	if (!serving)
+		return;
+	struct request_context copy = *serving;
+	__u64 child = (__u64)tgid << 32 | child_tid;
+	thread_requests.update(&child, &copy);
+}
+
+/* A descriptor closes: the request on it ends, for user space's sake, and the socket is forgotten. */
 static __always_inline void on_close(int fd)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	if (processes.lookup(&tgid))
-		finish_request(fd, NULL, 0);
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	if (!processes.lookup(&tgid))
+		return;
+	struct connection_key conn = {.tgid = tgid, .fd = fd};
+	sockets.delete(&conn);
+	struct request_context *request = requests.lookup(&conn);
+	if (!request)
+		return;
+	struct pending_io none = {.fd = fd, .op = IO_SENDFILE};
+	send_response_notice(request, &none, 0, 1);
+	struct request_context *serving = thread_requests.lookup(&request->thread);
+	if (serving && serving->span_id == request->span_id)
+		thread_requests.delete(&request->thread);
+	requests.delete(&conn);
 }

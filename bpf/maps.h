@@ -56,13 +56,16 @@ struct process_info {
 #define PROCESS_ANNOUNCE 4        /* forked: not yet announced to user space (done in its own context) */
 #define PROCESS_AWAIT_EXEC 8      /* a COMMAND held before its exec: what runs until then is the tracer's own code */
 
-/* An HTTP request in flight, from its read until its response is written (http_maps.h). */
+/* An HTTP request in flight on a connection, from the read that began it until the connection's next request
+ * or its close (http_maps.h); the copy a thread serving it holds says whether that thread wrote a response. */
 struct request_context {
 	__u64 trace_id[2];
 	__u64 span_id;           /* of the SERVER span */
 	__u64 thread;            /* pid_tgid of the thread that read it */
 	__u32 sampled;
-	__u32 pad;
+	__u32 fd;
+	__u32 reads;             /* reads of the request so far: later ones are sent while it has no response */
+	__u32 writes;            /* response writes so far (the thread's copy: 1 once that thread wrote) */
 };
 
 /* Finished calls, handed to user space (struct span_record). User space polls; the producer wakes it only

@@ -12,6 +12,7 @@
  * Every tracepoint is declared here, in the unit itself: BCC generates the structs of their arguments (from
  * the running kernel's tracefs formats) only for the file it is given. */
 #include <uapi/linux/ptrace.h>
+#include <linux/signal.h> /* sigset_t, in the arguments of epoll_pwait and ppoll */
 #include "maps.h"
 #include "bits.h"
 #ifdef HTTP_TRACING
@@ -33,13 +34,50 @@ TRACEPOINT_PROBE(task, task_newtask) { on_new_task(args->pid, args->clone_flags)
 TRACEPOINT_PROBE(sched, sched_process_exit) { on_task_exit(); return 0; }
 
 #ifdef HTTP_TRACING
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { remember_read(args->fd, args->buf); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { remember_read(args->fd, args->buf, IO_READ); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_read) { on_read(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { remember_read(args->fd, args->ubuf); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { remember_read(args->fd, args->ubuf, IO_READ); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { on_read(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { remember_write(args->fd, args->buf); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { remember_read(args->fd, args->vec, IO_READV); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { on_read(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { remember_read(args->fd, args->msg, IO_RECVMSG); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { on_read(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { remember_write(args->fd, args->buf, IO_WRITE); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_write) { on_write(args->ret); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { remember_write(args->fd, args->buff); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { remember_write(args->fd, args->buff, IO_WRITE); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { on_write(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { remember_write(args->fd, args->vec, IO_WRITEV); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { on_write(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { remember_write(args->fd, args->msg, IO_SENDMSG); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { on_write(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { remember_write(args->out_fd, NULL, IO_SENDFILE); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { on_write(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_splice) { remember_write(args->fd_out, NULL, IO_SENDFILE); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_splice) { on_write(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { remember_accept(args->fd, args->upeer_sockaddr); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_accept(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { remember_accept(args->fd, args->upeer_sockaddr); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_accept(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_getpeername) { remember_peername(args->fd, args->usockaddr); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_getpeername) { on_peername(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup) { remember_dup(args->fildes); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup) { on_dup(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { remember_dup(args->oldfd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup2) { on_dup(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { remember_dup(args->oldfd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup3) { on_dup(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
+{
+	if (args->cmd == F_DUPFD_CMD || args->cmd == F_DUPFD_CLOEXEC_CMD)
+		remember_dup(args->fd);
+	return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { on_dup(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat) { on_open(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_close) { on_close(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_wait) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait2) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_poll) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_ppoll) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
 #endif

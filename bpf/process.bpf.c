@@ -177,9 +177,13 @@ static __always_inline void exec_failed(long ret)
  * identity and trace; it is announced at its first event (announce_fork). */
 static __always_inline void on_new_task(__u32 child_pid, __u64 clone_flags)
 {
-	if (clone_flags & CLONE_THREAD_FLAG)
-		return;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (clone_flags & CLONE_THREAD_FLAG) {
+#ifdef HTTP_TRACING
+		inherit_request(tgid, child_pid);
+#endif
+		return;
+	}
 	struct process_info *parent = current_process(tgid);
 	if (!parent)
 		return;

@@ -4,9 +4,11 @@ and the TRACEPARENT of processes the kernel did not see exec.
 The kernel makes every id and pairs calls; what it cannot do is parse text. So it starts each HTTP request with
 a trace id of its own and makes the calls that serve the request its children; here, once the request's bytes
 are parsed, a caller's traceparent replaces that trace id (and becomes the SERVER span's parent) for every span
-of the request, and the spans of requests the sampler drops are dropped. Notices are read before the spans they
-explain (session.py), so a request is always known before the calls that serve it. All of it works on whole
-arrays of spans: a batch with no such span costs one comparison.
+of the request, the spans of requests the sampler drops are dropped, and those of a "request" that is not HTTP
+after all lose their parent. The SERVER span ends at the write that completes its response (http1.ResponseFraming),
+else at the connection's next request or its close. Notices are read before the spans they explain
+(session.py), so a request is always known before the calls that serve it. All of it works on whole arrays of
+spans: a batch with no such span costs one comparison.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from typing import Callable
 
 import numpy as np
 
-from otel_ebpf import http
+from otel_ebpf.protocols import http1
+from otel_ebpf.tracecontext import SpanContext
 from otel_ebpf.kernel import layout
 from otel_ebpf.otlp.encode import ServerSpan, SpanChunk, process_key
 from otel_ebpf.processes import ProcessRegistry
 
 # Requests whose decisions are remembered: far more than can be in flight, or have spans still to drain.
 MAX_TRACKED = 4096
+# A header section longer than this is not waited for: the request is parsed from what came.
+MAX_HEADER_BYTES = layout.HTTP_REQUEST_CAPTURE * layout.HTTP_REQUEST_READS
 _TRACE_LOW = layout.SPAN_RECORD_DTYPE.fields["trace_id"][1] // 8  # the trace id's two words in a record
 _PARENT = layout.SPAN_RECORD_DTYPE.fields["parent_span_id"][1] // 8
 _PID = layout.SPAN_RECORD_DTYPE.fields["pid"][1] // 8
@@ -32,29 +37,33 @@ _FLAGS = layout.SPAN_RECORD_DTYPE.fields["flags"][1] // 4
 
 @dataclass(slots=True)
 class _Request:
-    notice: layout.HttpRequestNotice
-    request: http.Request | None
-    parent: http.SpanContext | None
+    notice: layout.HttpRequestNotice  # of its first read
+    data: bytes  # what its reads brought, while its header section is open
+    request: http1.Request | None
+    parent: SpanContext | None
     keep: bool
-    addresses: tuple | None  # (local, peer), read from /proc while the connection is open
+    framing: http1.ResponseFraming | None = None
+    last_write_ns: int = 0
 
 
 class _Rewrites:
-    """What to do with the spans of some traces, by trace id: drop them, or move them into another trace.
+    """What to do with the spans of some traces, by trace id: drop them, move them into another trace, or cut
+    them off a parent span that will never be exported.
 
     Kept as sorted arrays for numpy, rebuilt only when a trace was added since the last batch."""
 
     def __init__(self, capacity: int):
-        self._entries: collections.OrderedDict[bytes, bytes | None] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[bytes, tuple[bytes | None, bytes]] = collections.OrderedDict()
         self._capacity = capacity
         self._arrays = None
 
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def add(self, trace_id: bytes, new_trace_id: bytes | None) -> None:
-        """new_trace_id None: drop the trace's spans."""
-        self._entries[trace_id] = new_trace_id
+    def add(self, trace_id: bytes, new_trace_id: bytes | None, orphan_of: bytes = bytes(8)) -> None:
+        """new_trace_id None: drop the trace's spans. orphan_of: a span id whose children become roots."""
+        self._entries[trace_id] = (new_trace_id, orphan_of)
+        self._entries.move_to_end(trace_id)
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
         self._arrays = None
@@ -62,20 +71,24 @@ class _Rewrites:
     def _sorted(self):
         if self._arrays is None:
             keys = np.frombuffer(b"".join(self._entries), np.uint64).reshape(-1, 2)
-            new = np.frombuffer(b"".join(t or bytes(16) for t in self._entries.values()), np.uint64).reshape(-1, 2)
-            drop = np.array([t is None for t in self._entries.values()])
+            values = list(self._entries.values())
+            new = np.frombuffer(b"".join(t or bytes(16) for t, _ in values), np.uint64).reshape(-1, 2)
+            drop = np.array([t is None for t, _ in values])
+            orphan = np.frombuffer(b"".join(o for _, o in values), np.uint64)
             order = np.argsort(keys[:, 1], kind="stable")
-            self._arrays = keys[order], new[order], drop[order]
+            self._arrays = keys[order], new[order], drop[order], orphan[order]
         return self._arrays
 
     def apply(self, words: np.ndarray) -> np.ndarray:
-        """Rewrite trace ids in place in `words` (records as 64-bit words); returns which spans to keep, and
-        which matched a trace here (for callers that rewrite the rest)."""
-        keys, new, drop = self._sorted()
+        """Rewrite trace ids and parents in place in `words` (records as 64-bit words); returns which spans to
+        keep, and which matched a trace here (for callers that rewrite the rest)."""
+        keys, new, drop, orphan = self._sorted()
         low, high = words[:, _TRACE_LOW + 1], words[:, _TRACE_LOW]
         at = np.minimum(np.searchsorted(keys[:, 1], low), len(keys) - 1)
         matched = (keys[at, 1] == low) & (keys[at, 0] == high)
-        move = matched & ~drop[at]
+        cut = matched & (orphan[at] != 0) & (words[:, _PARENT] == orphan[at])
+        words[cut, _PARENT] = 0
+        move = matched & ~drop[at] & (new[at] != 0).any(axis=1)
         words[move, _TRACE_LOW:_TRACE_LOW + 2] = new[at[move]]
         return ~(matched & drop[at]), matched
 
@@ -91,9 +104,10 @@ class Correlator:
         self._parent_based = parent_based
         self._binaries = binaries  # probe id -> binary, the executable of a process nothing else names
         self._requests: collections.OrderedDict[bytes, _Request] = collections.OrderedDict()  # by SERVER span id
+        self._connections: dict[tuple[int, int], bytes] = {}  # (pid, fd) -> its request's SERVER span id
         self._rewrites = _Rewrites(MAX_TRACKED)
         # Processes whose TRACEPARENT only user space knows (found without their exec seen): by process key.
-        self._user_parents: dict[int, http.SpanContext] = {}
+        self._user_parents: dict[int, SpanContext] = {}
 
     def notices(self, notices: list) -> list[ServerSpan]:
         out = []
@@ -104,11 +118,9 @@ class Correlator:
                                                              & layout.IDENTITY_CAPTURED):
                     self._user_parents[int(process_key(notice.pid, notice.process_seq))] = info.parent
             elif isinstance(notice, layout.HttpRequestNotice):
-                self._start(notice)
+                out.extend(self._read(notice))
             elif isinstance(notice, layout.HttpResponseNotice):
-                tracked = self._requests.pop(notice.span_id, None)
-                if tracked is not None and tracked.keep and tracked.request is not None:
-                    out.append(self._server_span(tracked, notice))
+                out.extend(self._written(notice))
         return out
 
     def spans(self, records: np.ndarray) -> SpanChunk:
@@ -128,7 +140,7 @@ class Correlator:
                      for key in distinct}
         return SpanChunk(records, resources)
 
-    def _adopt(self, records, words, key: int, parent: http.SpanContext, matched, keep):
+    def _adopt(self, records, words, key: int, parent: SpanContext, matched, keep):
         """Spans of a process started under `parent` that no request claimed join its trace; its roots become
         children of the parent span. Returns the updated keep mask."""
         mine = words[:, _PID] == key
@@ -146,8 +158,34 @@ class Correlator:
         halves[roots, _FLAGS] |= np.uint32(layout.SPAN_REMOTE_PARENT)
         return keep
 
-    def _start(self, notice: layout.HttpRequestNotice) -> None:
-        request = http.parse_request(notice.data)
+    def _read(self, notice: layout.HttpRequestNotice) -> list[ServerSpan]:
+        """A request's read: its first begins it (and ends the connection's previous request), later ones add
+        to its header section."""
+        if notice.read:
+            tracked = self._requests.get(notice.span_id)
+            if tracked is not None and tracked.data is not None:
+                tracked.data += notice.data
+                self._decide(tracked)
+            return []
+        out = []
+        connection = (notice.pid, notice.fd)
+        previous = self._connections.pop(connection, None)
+        if previous is not None:
+            out.extend(self._finish(previous, None))
+        tracked = _Request(notice, notice.data, None, None, False)
+        self._requests[notice.span_id] = tracked
+        self._connections[connection] = notice.span_id
+        while len(self._requests) > MAX_TRACKED:
+            _, dropped = self._requests.popitem(last=False)
+            self._connections.pop((dropped.notice.pid, dropped.notice.fd), None)
+        self._decide(tracked)
+        return out
+
+    def _decide(self, tracked: _Request) -> None:
+        """Parse what the request's reads brought and decide its trace; again after each read while its header
+        section is open (a traceparent can come late)."""
+        notice = tracked.notice
+        request = http1.parse_request(tracked.data)
         parent = request.parent if request else None
         if not notice.sampled:
             keep = False  # the kernel's sampler said no, and its calls were not emitted either
@@ -155,24 +193,48 @@ class Correlator:
             keep = True
         else:
             keep = parent.sampled if parent else self._sample_root(notice.trace_id)
+        tracked.request, tracked.parent, tracked.keep = request, parent, keep and request is not None
+        if request is not None and tracked.framing is None:
+            tracked.framing = http1.ResponseFraming(request.method)
+        if http1.header_section_complete(tracked.data) or len(tracked.data) >= MAX_HEADER_BYTES:
+            tracked.data = None
         if request is None:
-            keep = False  # not HTTP after all: no SERVER span, so nothing may be its child
-        addresses = http.socket_addresses(notice.pid, notice.fd) if keep else None
-        self._requests[notice.span_id] = _Request(notice, request, parent, keep, addresses)
-        while len(self._requests) > MAX_TRACKED:
-            self._requests.popitem(last=False)
-        if not keep:
+            # Not HTTP after all: no SERVER span, so the calls made meanwhile are roots of their own.
+            self._rewrites.add(notice.trace_id, notice.trace_id if notice.sampled else None, notice.span_id)
+        elif not keep:
             self._rewrites.add(notice.trace_id, None)
         elif parent is not None:
             self._rewrites.add(notice.trace_id, parent.trace_id)
 
-    def _server_span(self, tracked: _Request, response: layout.HttpResponseNotice) -> ServerSpan:
+    def _written(self, notice: layout.HttpResponseNotice) -> list[ServerSpan]:
+        tracked = self._requests.get(notice.span_id)
+        if tracked is None:
+            return []
+        if notice.closed:
+            return self._finish(notice.span_id, notice.end_ns)
+        tracked.last_write_ns = notice.end_ns
+        if tracked.framing is not None and tracked.framing.write(notice.written, notice.data, notice.tail):
+            return self._finish(notice.span_id, notice.end_ns)
+        return []
+
+    def _finish(self, span_id: bytes, end_ns: int | None) -> list[ServerSpan]:
+        """The request ends: at end_ns, or (None: its connection's next request came) at its last write."""
+        tracked = self._requests.pop(span_id, None)
+        if tracked is None:
+            return []
+        connection = (tracked.notice.pid, tracked.notice.fd)
+        if self._connections.get(connection) == span_id:
+            del self._connections[connection]
+        if not (tracked.keep and tracked.request is not None):
+            return []
+        return [self._server_span(tracked, end_ns or tracked.last_write_ns or tracked.notice.start_ns)]
+
+    def _server_span(self, tracked: _Request, end_ns: int) -> ServerSpan:
         request, notice = tracked.request, tracked.notice
-        status = http.parse_response(response.data) if response.data else None
-        local, peer = tracked.addresses or (None, None)
-        attributes = http.server_span_attributes(request, status, local, peer)
+        status = tracked.framing.status if tracked.framing else None
+        attributes = http1.server_span_attributes(request, status, None, notice.peer)
         key = int(process_key(notice.pid, notice.process_seq))
         parent = tracked.parent
         return ServerSpan(key, self.registry.resource(key), notice.tid, parent.trace_id if parent else notice.trace_id,
                           notice.span_id, parent.span_id if parent else None, parent.tracestate if parent else "",
-                          notice.start_ns, response.end_ns, http.server_span_name(request), attributes)
+                          notice.start_ns, end_ns, http1.server_span_name(request), attributes)

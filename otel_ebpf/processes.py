@@ -20,7 +20,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from otel_ebpf import __version__, http
+from otel_ebpf import __version__
+from otel_ebpf.tracecontext import SpanContext, parse_traceparent
 from otel_ebpf.config import parse_key_values
 from otel_ebpf.kernel import layout
 from otel_ebpf.otlp.encode import SCOPE_NAME, Resource, process_key, resource
@@ -83,9 +84,9 @@ class ProcessInfo:
                    _container_id(pid))
 
     @functools.cached_property
-    def parent(self) -> http.SpanContext | None:
+    def parent(self) -> SpanContext | None:
         """The span this process was started under: the environment carrier (TRACEPARENT, TRACESTATE)."""
-        return http.parse_traceparent(self.environ.get("TRACEPARENT"), self.environ.get("TRACESTATE"))
+        return parse_traceparent(self.environ.get("TRACEPARENT"), self.environ.get("TRACESTATE"))
 
     @property
     def started_as(self) -> str:

@@ -331,11 +331,12 @@ class Session:
         print(line, file=self.log, flush=True)
 
     def _why_nothing(self) -> str:
+        probed = {p.binary for p in self.table.probes}
         binaries = ", ".join(sorted({p.shown_as or p.binary for p in self.table.probes}))
         ran = self.registry.executables()
-        if ran:
+        if ran and not probed & {os.path.realpath(path) for path in ran}:
             return f"no probed function was called: the traced processes ran {', '.join(ran)}, not {binaries}"
-        return f"no probed function was called ({binaries})"
+        return f"no probed function was called ({binaries}): check that the workload reaches them"
 
 
 def run(settings: Settings, table: ProbeTable, command: Command | None = None,

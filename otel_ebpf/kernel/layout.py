@@ -7,6 +7,7 @@ moved field cannot silently swap meanings.
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,7 +26,10 @@ COOKIE_PROCESS_START = 1 << 25
 COOKIE_GOID_SHIFT = 32
 SPAN_REMOTE_PARENT = 1
 HTTP_REQUEST_CAPTURE = 1024
-HTTP_RESPONSE_CAPTURE = 32
+HTTP_REQUEST_READS = 4
+HTTP_RESPONSE_CAPTURE = 512
+HTTP_RESPONSE_HEAD_WRITES = 4
+HTTP_RESPONSE_TAIL = 8
 IDENTITY_FILENAME = 256
 IDENTITY_ARGV = 512
 IDENTITY_ENV = 1024
@@ -127,10 +131,12 @@ PROCESS = NoticeType(NOTICE_PROCESS, "process", _HEADER + (
 ) + _IDENTITY)
 HTTP_REQUEST = NoticeType(NOTICE_HTTP_REQUEST, "http_request", _HEADER + (
     ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("start_ns", "Q"), ("trace_id", "16s"),
-    ("span_id", "8s"), ("sampled", "I"), ("length", "I"), ("data", f"{HTTP_REQUEST_CAPTURE}s"),
+    ("span_id", "8s"), ("sampled", "I"), ("length", "I"), ("read", "I"), ("peer_family", "H"), ("peer_port", "H"),
+    ("peer_addr", "16s"), ("data", f"{HTTP_REQUEST_CAPTURE}s"),
 ))
 HTTP_RESPONSE = NoticeType(NOTICE_HTTP_RESPONSE, "http_response", _HEADER + (
-    ("fd", "I"), ("pid", "I"), ("tid", "I"), ("length", "I"), ("end_ns", "Q"), ("span_id", "8s"),
+    ("fd", "I"), ("pid", "I"), ("tid", "I"), ("length", "I"), ("end_ns", "Q"), ("span_id", "8s"), ("written", "Q"),
+    ("write", "I"), ("closed", "H"), ("tail_length", "H"), ("tail", f"{HTTP_RESPONSE_TAIL}s"),
     ("data", f"{HTTP_RESPONSE_CAPTURE}s"),
 ))
 NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE)
@@ -169,6 +175,8 @@ class HttpRequestNotice(NamedTuple):
     span_id: bytes
     sampled: int
     data: bytes
+    read: int = 0  # 0: the read that began the request; then later reads of its header section
+    peer: tuple[str, int] | None = None  # as accept returned it
 
 
 class HttpResponseNotice(NamedTuple):
@@ -177,7 +185,11 @@ class HttpResponseNotice(NamedTuple):
     tid: int
     end_ns: int
     span_id: bytes
-    data: bytes
+    data: bytes  # the write's first bytes (only for its first HTTP_RESPONSE_HEAD_WRITES writes)
+    written: int = 0  # bytes the write wrote
+    write: int = 0  # writes of the response before this one
+    closed: bool = False  # the connection closed: nothing was written
+    tail: bytes = b""  # its last bytes (not for sendfile and splice)
 
 
 _PROCESS_HEAD = struct.Struct("<IIIIIIII")
@@ -199,6 +211,21 @@ def _identity(record: memoryview) -> Identity:
     return Identity(flags, filename, tuple(argv), environ, trace_id, span_id)
 
 
+def peer_address(family: int, port: int, addr: bytes) -> tuple[str, int] | None:
+    """A peer's address as the kernel copied it from accept's sockaddr; None when it is not an IP peer."""
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, addr[:4]), port
+    if family == socket.AF_INET6:
+        raw = addr
+        if raw[:12] == _IPV4_MAPPED_PREFIX:  # a dual-stack socket's IPv4 peer
+            return socket.inet_ntop(socket.AF_INET, raw[12:]), port
+        return socket.inet_ntop(socket.AF_INET6, raw), port
+    return None
+
+
+_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
 def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | HttpResponseNotice | None:
     """One notice record (without its ring header); None for a kind this version does not know."""
     kind = int.from_bytes(record[:4], "little")
@@ -207,11 +234,17 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
         identity = _identity(record[PROCESS_HEAD_SIZE:]) if length > PROCESS_HEAD_SIZE else None
         return ProcessNotice(kind, pid, seq, parent_pid, parent_seq, cause, identity)
     if kind == NOTICE_HTTP_REQUEST:
-        _, _, fd, pid, tid, seq, start, trace_id, span_id, sampled, length, data = _REQUEST.unpack_from(record)
-        return HttpRequestNotice(fd, pid, tid, seq, start, trace_id, span_id, sampled, data[:length])
+        (_, _, fd, pid, tid, seq, start, trace_id, span_id, sampled, length, read, family, port, addr,
+         data) = _REQUEST.unpack_from(record)
+        return HttpRequestNotice(fd, pid, tid, seq, start, trace_id, span_id, sampled, data[:length], read,
+                                 peer_address(family, port, addr))
     if kind == NOTICE_HTTP_RESPONSE:
-        _, _, fd, pid, tid, length, end, span_id, data = _RESPONSE.unpack_from(record)
-        return HttpResponseNotice(fd, pid, tid, end, span_id, data[:length])
+        if len(record) < _RESPONSE.size:  # a write without its first bytes: the record ends before them
+            record = bytes(record) + bytes(_RESPONSE.size - len(record))
+        (_, _, fd, pid, tid, length, end, span_id, written, write, closed, tail_length, tail,
+         data) = _RESPONSE.unpack_from(record)
+        return HttpResponseNotice(fd, pid, tid, end, span_id, data[:length], written, write, bool(closed),
+                                  tail[:tail_length])
     return None
 
 

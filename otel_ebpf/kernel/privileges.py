@@ -112,7 +112,7 @@ def check_privileges(mode: str) -> None:
                                   if os.geteuid() == 0 else "or run as root"))
     if not effective >> CAP_SYS_PTRACE & 1:
         _log.warning("without CAP_SYS_PTRACE, processes of other users or with capabilities otel-ebpf lacks cannot "
-                     "be traced with --pid, and their spans lack process.executable.path and HTTP peer addresses "
+                     "be traced with --pid, and their spans lack process.executable.path "
                      "(grant it: docker run --cap-add SYS_PTRACE; securityContext.capabilities.add: [SYS_PTRACE])")
 
 

@@ -106,7 +106,7 @@ class SymbolTable:
         """
         result = []
         for pattern in patterns:
-            found = {entry.function.address: entry.function for entry in self.entries
+            found = {entry.function.address: _as_named(entry, pattern) for entry in self.entries
                      if any(elfs.matches(name, pattern) for name in entry.names)}
             unresolved = []
             for ifunc in self.ifuncs:
@@ -271,6 +271,14 @@ def resolve_each(binary: str, patterns: list[str], options: Options | None = Non
                  pid: int | None = None) -> list[tuple[str, list[FunctionSymbol]]]:
     """See SymbolTable.resolve_each."""
     return load(binary, options, pid).resolve_each(patterns)
+
+
+def _as_named(entry: _Entry, pattern: str) -> FunctionSymbol:
+    """A C function named exactly by one of its aliases is shown by that name (libc's close, not __close)."""
+    function = entry.function
+    if pattern in entry.names and function.name == function.demangled and pattern != function.name:
+        return dataclasses.replace(function, name=pattern, demangled=pattern)
+    return function
 
 
 def _order(function: FunctionSymbol) -> tuple:

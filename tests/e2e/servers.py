@@ -31,13 +31,17 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
 
 
 class Nginx:
-    """nginx with two workers in `directory`: a static file, a 503, and an access log that says which worker
-    (pid) served which request (its traceparent), as the ground truth."""
+    """nginx with two workers in `directory`: a static file (and big.bin of `big_file` bytes), a 503, static
+    files sent with sendfile, and an access log that says which worker (pid) served which request (its
+    traceparent), as the ground truth."""
 
-    def __init__(self, directory: Path, workers: int = 2):
+    def __init__(self, directory: Path, workers: int = 2, big_file: int = 0):
         self.directory, self.port = directory, free_port()
         (directory / "html").mkdir(parents=True, exist_ok=True)
         (directory / "html" / "index.html").write_text("hello\n")
+        if big_file:
+            with open(directory / "html" / "big.bin", "wb") as f:
+                f.truncate(big_file)  # sparse: zeros that take no disk
         (directory / "tmp").mkdir(exist_ok=True)
         temp = " ".join(f"{kind}_temp_path {directory / 'tmp'};"
                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -50,6 +54,7 @@ events {{ worker_connections 64; }}
 http {{
     log_format served '$pid $http_traceparent $uri';
     access_log {directory / 'access.log'} served;
+    sendfile on;
     {temp}
     server {{
         listen 127.0.0.1:{self.port} reuseport;

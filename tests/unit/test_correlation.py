@@ -1,9 +1,6 @@
 """Correlator fed notices and span records as the ring buffers give them: which trace each span lands in, which
 are dropped, and the SERVER spans it makes, read back through opentelemetry-proto as a collector would."""
 
-import os
-import socket
-
 import numpy as np
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -16,7 +13,7 @@ from otel_ebpf.kernel.layout import SPAN_RECORD_DTYPE, SPAN_REMOTE_PARENT, HttpR
 from otel_ebpf.otlp.encode import ProbeInfo, SpanEncoder
 from otel_ebpf.processes import ProcessInfo, ProcessRegistry
 
-PID = 4_000_000_000  # above any pid_max: /proc has no such process, so nothing is read from it
+PID = 4_000_000_000  # above any pid_max: no process of this machine
 TID = 4_000_001
 KERNEL_TRACE = bytes.fromhex("aa" * 16)  # the trace id the kernel gave the request
 SERVER_SPAN = b"\x5e" * 8  # the kernel's id for the SERVER span
@@ -34,8 +31,14 @@ def request(*headers: str, trace_id=KERNEL_TRACE, span_id=SERVER_SPAN, sampled=1
     return HttpRequestNotice(fd, pid, TID, 0, 1_000, trace_id, span_id, sampled, data)
 
 
-def response(status: int = 200, span_id=SERVER_SPAN, pid=PID, fd=3):
-    return HttpResponseNotice(fd, pid, TID, 9_000, span_id, f"HTTP/1.1 {status} X\r\n".encode())
+def response(status: int = 200, span_id=SERVER_SPAN, pid=PID, fd=3, end_ns=9_000):
+    """A whole response in one write: its header section and an empty body."""
+    data = f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode()
+    return HttpResponseNotice(fd, pid, TID, end_ns, span_id, data, len(data), 0, False, data[-8:])
+
+
+def closed(span_id=SERVER_SPAN, pid=PID, fd=3, end_ns=9_500):
+    return HttpResponseNotice(fd, pid, TID, end_ns, span_id, b"", 0, 0, True, b"")
 
 
 def span(span_id: bytes, parent: bytes | None = SERVER_SPAN, trace_id=KERNEL_TRACE, probe_id=0, pid=PID):
@@ -132,10 +135,60 @@ def test_traceparent_wins_over_the_ratio_rule():
 
 
 def test_a_request_that_is_not_http_parents_nothing():
-    """A read that started like a method but does not parse: no SERVER span, so its calls are left out."""
+    """A read that started like a method but does not parse: no SERVER span, so its calls lose that parent and
+    the calls below them keep theirs."""
     garbage = request()._replace(data=b"GET \x00\x01 binary stuff\n\n")
-    records, server = accept(correlator(), garbage, span(b"\x01" * 8), response())
-    assert (len(records), server) == (0, [])
+    records, server = accept(correlator(), garbage, span(b"\x01" * 8), span(b"\x02" * 8, parent=b"\x01" * 8),
+                             response())
+    assert server == []
+    assert ids(records, "span_id") == [b"\x01" * 8, b"\x02" * 8]
+    assert ids(records, "parent_span_id") == [bytes(8), b"\x01" * 8]
+
+
+def test_a_late_traceparent_in_a_later_read_still_moves_the_request():
+    """The header section came in two reads: the second brought the traceparent."""
+    first = request()._replace(data=b"GET /work HTTP/1.1\r\nHost: example.com\r\n")
+    rest = request()._replace(data=f"traceparent: {traceparent()}\r\n\r\n".encode(), read=1)
+    records, (server,) = accept(correlator(), first, rest, span(b"\x01" * 8), response())
+    assert ids(records, "trace_id") == [bytes.fromhex(CALLER_TRACE)]
+    assert server.parent_span_id == bytes.fromhex(CALLER_SPAN)
+
+
+def write(data: bytes, written: int | None = None, tail: bytes | None = None, end_ns=9_000, write_no=1):
+    """A response write as the kernel reports it: `data` its captured first bytes, written its length."""
+    written = len(data) if written is None else written
+    return HttpResponseNotice(3, PID, TID, end_ns, SERVER_SPAN, data, written, write_no, False,
+                              data[-8:] if tail is None else tail)
+
+
+@pytest.mark.parametrize("writes, end_ns", [
+    # Content-Length: the header section, then the body in two writes of which only the lengths are known.
+    ([write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", end_ns=5_000, write_no=0),
+      write(b"", 4, b"0123", end_ns=6_000), write(b"", 6, b"456789", end_ns=7_000)], 7_000),
+    # chunked: the last chunk ends a later write.
+    ([write(b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", end_ns=5_000, write_no=0),
+      write(b"", 12, b"\r\nab\r\n0\r\n\r\n"[-8:], end_ns=6_500)], 6_500),
+    # no length: the connection's close ends it.
+    ([write(b"HTTP/1.0 200 OK\r\n\r\nsome body", end_ns=5_000, write_no=0), closed(end_ns=8_000)], 8_000),
+    # an interim 100 Continue first, then the final response with its body in the same write.
+    ([write(b"HTTP/1.1 100 Continue\r\n\r\n", end_ns=4_000, write_no=0),
+      write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", end_ns=5_500)], 5_500),
+])
+def test_the_server_span_ends_with_the_write_that_completes_its_response(writes, end_ns):
+    c = correlator()
+    _, spans = accept(c, request(), *writes[:-1])
+    assert spans == []
+    _, (server,) = accept(c, writes[-1])
+    assert server.end_ns == end_ns
+    assert accept(c, closed())[1] == []  # nothing more when the connection closes later
+
+
+def test_keep_alive_a_response_of_unknown_length_ends_at_the_connections_next_request():
+    second = request(span_id=b"\x77" * 8)._replace(start_ns=20_000)
+    c = correlator()
+    _, first_spans = accept(c, request(), write(b"HTTP/1.1 200 OK\r\n\r\nbody...", end_ns=6_000, write_no=0))
+    _, (server,) = accept(c, second)
+    assert first_spans == [] and server.span_id == SERVER_SPAN and server.end_ns == 6_000
 
 
 @pytest.mark.parametrize("sampler, flags, kept", [
@@ -215,18 +268,10 @@ def test_server_span_is_an_error_for_5xx_only(status, code):
     assert ("error.type" in attributes) == (code == Status.STATUS_CODE_ERROR)
 
 
-def test_server_span_addresses_come_from_the_live_socket():
-    """The connection is looked up by pid and fd while it is open: here a real one of this process."""
-    with socket.create_server(("127.0.0.1", 0)) as server, \
-            socket.create_connection(server.getsockname()) as client:
-        accepted, _ = server.accept()
-        with accepted:
-            c = correlator()
-            c.registry.remember(ProcessInfo(os.getpid(), "/srv/app", ("app",)))
-            _, (server_span,) = accept(c, request(pid=os.getpid(), fd=accepted.fileno()),
-                                       response(pid=os.getpid(), fd=accepted.fileno()))
-        peer = client.getsockname()
+@pytest.mark.parametrize("peer", [("127.0.0.1", 50123), ("::1", 443), ("10.1.2.3", 8)])
+def test_server_span_addresses_are_the_peer_accept_returned(peer):
+    _, (server_span,) = accept(correlator(), request()._replace(peer=peer), response())
     attributes = server_span.attributes
     assert (attributes["network.peer.address"], attributes["network.peer.port"]) == peer
-    assert attributes["client.address"] == "127.0.0.1"
+    assert attributes["client.address"] == peer[0]
     assert (attributes["server.address"], attributes["server.port"]) == ("example.com", 8080)  # Host wins

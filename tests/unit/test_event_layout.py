@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from otel_ebpf import http
+from otel_ebpf import tracecontext
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel import layout
 from otel_ebpf.kernel.program import BPF_DIR
@@ -149,7 +149,7 @@ def test_the_kernels_traceparent_parser_agrees_with_user_spaces(layout_program, 
     """TRACEPARENT is parsed in the kernel at exec (bits.h) and in user space for /proc and HTTP headers."""
     out = subprocess.run([str(layout_program), "traceparent", value], capture_output=True, text=True,
                          check=True).stdout.split()
-    parsed = http.parse_traceparent(value)
+    parsed = tracecontext.parse_traceparent(value)
     if parsed is None:
         assert out == ["invalid"]
     else:

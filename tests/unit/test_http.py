@@ -16,18 +16,16 @@ from opentelemetry import propagate
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.trace import TracerProvider
 
-from otel_ebpf.http import (
+from otel_ebpf.kernel import layout
+from otel_ebpf.protocols.http1 import (
     KNOWN_METHODS,
-    SpanContext,
     parse_request,
     parse_response,
-    parse_traceparent,
-    parse_tracestate,
     server_span_attributes,
     server_span_name,
-    socket_addresses,
     split_host_port,
 )
+from otel_ebpf.tracecontext import SpanContext, parse_traceparent, parse_tracestate
 from tests.ground_truth import (
     HTTP_CLIENT,
     HTTPSERVER,
@@ -481,57 +479,17 @@ def test_split_host_port(value, expected):
     assert split_host_port(value) == expected
 
 
-# ----- socket_addresses
+# ----- the peer address, as accept wrote it into its sockaddr and the kernel copied it
 
 
-@pytest.mark.parametrize("family, listen_on, address", [
-    (socket.AF_INET, "127.0.0.1", "127.0.0.1"),
-    (socket.AF_INET6, "::1", "::1"),
-    (socket.AF_INET6, "::ffff:127.0.0.1", "127.0.0.1"),  # dual-stack socket, IPv4 peer: shown as IPv4
+@pytest.mark.parametrize("family, raw, expected", [
+    (socket.AF_INET, socket.inet_pton(socket.AF_INET, "10.1.2.3") + bytes(12), ("10.1.2.3", 8080)),
+    (socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "2001:db8::1"), ("2001:db8::1", 8080)),
+    (socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1"), ("127.0.0.1", 8080)),  # dual stack
+    (socket.AF_UNIX, bytes(16), None), (0, bytes(16), None),  # not an IP peer, or accept had no sockaddr
 ])
-def test_socket_addresses_of_both_ends_of_a_connection(family, listen_on, address):
-    with socket.socket(family) as listener:
-        if listen_on.startswith("::ffff:"):
-            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        listener.bind((listen_on, 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        with socket.create_connection((address, port)) as client, listener.accept()[0] as server:
-            client_port = client.getsockname()[1]
-            assert socket_addresses(os.getpid(), server.fileno()) == ((address, port), (address, client_port))
-            assert socket_addresses(os.getpid(), client.fileno()) == ((address, client_port), (address, port))
-
-
-@contextlib.contextmanager
-def open_fd(kind):
-    """An fd of this process that is not a TCP socket."""
-    if kind == "file":
-        with open(__file__) as f:
-            yield f.fileno()
-    elif kind == "pipe":
-        read, write = os.pipe()
-        yield read
-        os.close(read)
-        os.close(write)
-    elif kind in ("udp", "unix"):
-        with socket.socket(*((socket.AF_INET, socket.SOCK_DGRAM) if kind == "udp" else (socket.AF_UNIX,))) as s:
-            yield s.fileno()
-    else:
-        fd = os.open(__file__, os.O_RDONLY)
-        os.close(fd)
-        yield fd
-
-
-@pytest.mark.parametrize("kind", ["file", "pipe", "udp", "unix", "closed"])
-def test_socket_addresses_of_other_fds_is_none(kind):
-    with open_fd(kind) as fd:
-        assert socket_addresses(os.getpid(), fd) is None
-
-
-def test_socket_addresses_of_a_process_that_is_gone_is_none():
-    child = subprocess.Popen(["true"])
-    child.wait()  # reaped: its pid names no process any more
-    assert socket_addresses(child.pid, 0) is None
+def test_peer_address_of_every_family(family, raw, expected):
+    assert layout.peer_address(family, 8080, raw) == expected
 
 
 def test_real_client_bytes_parse_to_the_client_span():
@@ -547,14 +505,14 @@ def test_real_client_bytes_parse_to_the_client_span():
             propagate.inject(headers)
             connection.request("GET", "/work?n=3", headers=headers)
         client_port = connection.sock.getsockname()[1]
-        with listener.accept()[0] as server:
+        server, peer = listener.accept()
+        with server:
             req = parse_request(server.recv(1024))
-            addresses = socket_addresses(os.getpid(), server.fileno())
         connection.close()
     ids = span.get_span_context()
     assert req.parent == SpanContext(ids.trace_id.to_bytes(16, "big"), ids.span_id.to_bytes(8, "big"), True)
-    assert addresses == (("127.0.0.1", port), ("127.0.0.1", client_port))
-    attrs = server_span_attributes(req, 200, *addresses)
+    assert peer == ("127.0.0.1", client_port)
+    attrs = server_span_attributes(req, 200, None, peer)
     assert (attrs["url.path"], attrs["url.query"]) == ("/work", "n=3")
     assert (attrs["server.address"], attrs["server.port"]) == ("127.0.0.1", port)  # from Host
     assert (attrs["network.peer.address"], attrs["network.peer.port"]) == ("127.0.0.1", client_port)

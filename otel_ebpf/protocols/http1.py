@@ -1,10 +1,11 @@
-"""HTTP/1.x requests seen from outside the process -> what a SERVER span needs.
+"""HTTP/1.x requests and responses seen from outside the process -> what a SERVER span needs.
 
-The kernel hands user space only the first bytes read from a socket (about 1 KiB, possibly cut in the
-middle of a header) and the first bytes of the response written on it. So nothing here may trust the input
-to be complete or even to be HTTP: non-HTTP traffic yields None, and a line without its terminating LF is
-treated as cut off and ignored (except the request line, whose visible part is still worth reporting).
-Runs once per request, so it parses only the few fields a span uses.
+The kernel hands user space the first bytes of a request's first reads (1 KiB each, possibly cut in the middle
+of a header), and of each write of its response the byte count, the first bytes of the first few writes and
+the last bytes. So nothing here may trust the input to be complete or even to be HTTP: non-HTTP traffic
+yields None, and a line without its terminating LF is treated as cut off and ignored (except the request
+line, whose visible part is still worth reporting). Where a response ends is found from RFC 9112's
+message-length rules (ResponseFraming). Parses only the few fields a span uses.
 
 References: RFC 9110/9112 (HTTP), RFC 7239 (Forwarded), W3C Trace Context Level 1 (traceparent,
 tracestate), OpenTelemetry semantic conventions for HTTP server spans (stable).
@@ -12,11 +13,10 @@ tracestate), OpenTelemetry semantic conventions for HTTP server spans (stable).
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import struct
 from dataclasses import dataclass
+
+from otel_ebpf.tracecontext import SpanContext, parse_traceparent
 
 Address = tuple[str, int]
 
@@ -70,16 +70,6 @@ class Request:
         return parse_traceparent(self.headers.get("traceparent"), self.headers.get("tracestate"))
 
 
-@dataclass(frozen=True, slots=True)
-class SpanContext:
-    """A remote parent from a valid traceparent; tracestate is normalised, "" when absent or invalid."""
-
-    trace_id: bytes
-    span_id: bytes
-    sampled: bool
-    tracestate: str = ""
-
-
 def _text(raw: bytes) -> str:
     """Never raises: OTLP strings must be UTF-8, and bytes on the wire need not be."""
     return raw.decode("utf-8", "replace")
@@ -124,6 +114,11 @@ def parse_request(data: bytes) -> Request | None:
     return _request(_text(method), _text(target), None if version is None else _text(version), headers)
 
 
+def header_section_complete(data: bytes) -> bool:
+    """Whether `data` holds a request's whole header section (its empty line)."""
+    return _EMPTY_LINE.search(data.lstrip(b"\r\n")) is not None
+
+
 def _request(method: str, target: str, version: str | None, headers: dict[str, str]) -> Request:
     """Splits the request-target (RFC 9112 section 3.2) into the pieces a span reports."""
     authority, scheme = headers.get("host"), None
@@ -158,57 +153,81 @@ def parse_response(data: bytes) -> int | None:
         data = data[end.end():]
 
 
-# version-format 00 (and the prefix a higher version must share): version, trace-id, parent-id, trace-flags.
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
-_ZERO_TRACE_ID, _ZERO_SPAN_ID = "0" * 32, "0" * 16
-_TRACESTATE_KEY = re.compile(
-    r"[a-z][a-z0-9_\-*/]{0,255}"  # simple-key
-    r"|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}"  # multi-tenant-key: tenant-id@system-id
-)
-_TRACESTATE_VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
-_TRACESTATE_MAX_MEMBERS = 32
+_HEADER_END = b"\r\n\r\n"
+_LAST_CHUNK = b"\r\n0\r\n\r\n"  # the end of the last data chunk, then the zero-length chunk (no trailers)
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked[ \t]*\r", re.IGNORECASE)
 
 
-def parse_traceparent(value: str | None, tracestate: str | None = None) -> SpanContext | None:
-    """The remote parent a traceparent names, or None when the header must be ignored (W3C section 3.2).
+def _ends_chunked(whole: bytes, tail: bytes) -> bool:
+    """Whether a write ends a chunked body: its last bytes are the last chunk, or the write is (`whole`, when
+    all of it is known) nothing but the zero-length chunk."""
+    return tail.endswith(_LAST_CHUNK) or whole == _LAST_CHUNK[2:]
 
-    Version 00 must match its format exactly. A higher version is parsed as far as 00 defines it: at least
-    55 characters, then the next character, if any, must be "-" (section 3.2.4). Version ff, upper-case hex
-    and all-zero ids are invalid. Only the sampled flag is read. tracestate is looked at only when the
-    traceparent is valid (section 3.3).
+
+class ResponseFraming:
+    """Where the response to one request ends (RFC 9112 section 6.3), from the writes of it the kernel saw.
+
+    `write()` takes each write: its byte count, its first bytes (only for the first writes, b"" when not
+    captured) and its last bytes; it returns True at the write that completes the response. Without a length
+    (no Content-Length, not chunked), or when the header section could not be seen whole, the response ends
+    with the connection (or the connection's next request): `write()` never returns True then.
     """
-    if value is None:
-        return None
-    match = _TRACEPARENT.fullmatch(value.strip(" \t"))
-    if match is None:
-        return None
-    version, trace_id, span_id, flags, rest = match.groups()
-    if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
-        return None
-    return SpanContext(bytes.fromhex(trace_id), bytes.fromhex(span_id), bool(int(flags, 16) & 1),
-                       parse_tracestate(tracestate) if tracestate else "")
 
+    def __init__(self, method: str):
+        self._method = method
+        self._head = b""  # captured bytes since the current message's first, while its header section is open
+        self._gap = False  # a write's bytes went uncaptured before the header section's end: blind
+        self._remaining: int | None = None  # body bytes still to come, when Content-Length says
+        self._chunked = False
+        self._in_head = True  # the final response's header section has not ended yet
+        self.status: int | None = None
+        self.complete = False
 
-def parse_tracestate(value: str) -> str:
-    """The tracestate list without optional whitespace and empty members; "" if the header is invalid.
+    def write(self, written: int, data: bytes, tail: bytes) -> bool:
+        if self.complete:
+            return True
+        if self._in_head:
+            if self._gap:
+                return False
+            self._head += data
+            self._gap = len(data) < written
+            return self._header_section(written - len(data), tail)
+        if self._chunked:
+            self.complete = _ends_chunked(tail if len(tail) == written else b"", tail)
+        elif self._remaining is not None:
+            self._remaining -= written
+            self.complete = self._remaining <= 0
+        return self.complete
 
-    An invalid member, a repeated key or more than 32 members make the whole header invalid, and the
-    processing model (W3C section 4.3) allows discarding it: passing on part of it could pass on a state
-    its vendor never wrote.
-    """
-    members = []
-    keys = set()
-    for member in value.split(","):
-        member = member.strip(" \t")
-        if not member:
-            continue
-        key, equals, member_value = member.partition("=")
-        if not equals or key in keys or not _TRACESTATE_KEY.fullmatch(key) \
-                or not _TRACESTATE_VALUE.fullmatch(member_value):
-            return ""
-        keys.add(key)
-        members.append(member)
-    return ",".join(members) if len(members) <= _TRACESTATE_MAX_MEMBERS else ""
+    def _header_section(self, uncaptured: int, tail: bytes) -> bool:
+        """Parses what `_head` holds of the header sections (1xx interim responses first); `uncaptured`: bytes
+        of the last write after its captured ones."""
+        while True:
+            end = self._head.find(_HEADER_END)
+            if end < 0:
+                return False
+            end += len(_HEADER_END)
+            head, body = self._head[:end], self._head[end:]
+            status = parse_response(head)
+            if status is None:
+                self._gap = True  # not a response this can follow
+                return False
+            self.status = status
+            if 100 <= status < 200 and status != 101:
+                self._head = body  # an interim response: the final one follows
+                continue
+            self._head, self._in_head = b"", False
+            body_seen = len(body) + uncaptured
+            if self._method == "HEAD" or status in (101, 204, 304):
+                self.complete = True  # no body (101: the connection is another protocol's now)
+            elif _CHUNKED.search(head):
+                self._chunked = True
+                self.complete = _ends_chunked(b"" if uncaptured else body, tail)
+            elif (length := _CONTENT_LENGTH.search(head)) is not None:
+                self._remaining = int(length.group(1)) - body_seen
+                self.complete = self._remaining <= 0
+            return self.complete
 
 
 def server_span_name(req: Request) -> str:
@@ -312,47 +331,3 @@ def _redact_query(query: str) -> str:
         key, equals, _ = param.partition("=")
         params.append(f"{key}=REDACTED" if equals and key in _REDACTED_QUERY_KEYS else param)
     return "&".join(params)
-
-
-def socket_addresses(pid: int, fd: int) -> tuple[Address, Address] | None:
-    """(local, peer) of a TCP socket open as `fd` in process `pid`; None if it is not one or is gone.
-
-    /proc/PID/fd/FD names the socket's inode; /proc/PID/net/tcp{,6} (the process's network namespace)
-    lists every TCP socket with its inode. Reads two files per call: callers cache per (pid, fd) and drop
-    the entry when the fd is closed.
-    """
-    try:
-        link = os.readlink(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return None
-    if not (link.startswith("socket:[") and link.endswith("]")):
-        return None
-    inode = link[8:-1]
-    needle = f" {inode} "
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                for line in f:
-                    if needle in line:
-                        fields = line.split()
-                        if fields[9] == inode:  # sl local rem st queues tr retrnsmt uid timeout inode
-                            return _proc_address(fields[1]), _proc_address(fields[2])
-        except OSError:
-            continue
-    return None
-
-
-def _proc_address(field: str) -> Address:
-    """ "0100007F:1F90" -> ("127.0.0.1", 8080).
-
-    The kernel prints each 32-bit word of the address as a native-endian integer and the port in host
-    order. IPv4-mapped IPv6 addresses (a dual-stack socket's IPv4 peers) are reported as IPv4.
-    """
-    address, _, port = field.partition(":")
-    raw = b"".join(struct.pack("=I", int(address[i:i + 8], 16)) for i in range(0, len(address), 8))
-    if len(raw) == 16 and raw[:12] == _IPV4_MAPPED_PREFIX:
-        raw = raw[12:]
-    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw), int(port, 16)
-
-
-_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"

@@ -1,0 +1,1 @@
+"""The protocols otel-ebpf reads from what a watched process sends and receives, one module each."""

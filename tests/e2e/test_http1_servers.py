@@ -1,0 +1,163 @@
+"""Debian's nginx, an event-loop server, as it really answers: static files with sendfile, writev'd error pages,
+keep-alive connections with several requests, several connections at once on its one worker, a connection kept
+open after its responses, a traceparent past the first KiB of headers. Every SERVER span is checked against what
+the client sent and received (its trace, parent, status, path and peer port) and against the client's own clock
+readings; each request's ngx_http_process_request call is a child of its own SERVER span only."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+
+from tests.e2e.servers import NGINX, NGINX_FUNCTION, Nginx, wait_for_port
+from tests.e2e.spancheck import CLOCK_SLACK_NS, attributes
+
+# Larger than anything the loopback's socket buffers can hold (tcp_wmem's and tcp_rmem's maxima here: 4 and 6 MiB):
+# nginx's last sendfile returns only after the client has read at least BIG - BUFFERED bytes.
+BIG = 32 << 20
+BUFFERED = 16 << 20
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+
+
+@dataclass
+class Exchange:
+    """One request as the client saw it."""
+
+    method: str
+    path: str
+    trace_id: str
+    span_id: str
+    client_port: int
+    sent_ns: int = 0
+    received_ns: int = 0  # the response's last byte
+    status: int = 0
+    drained_ns: int = 0  # BIG only: when all but BUFFERED bytes of the body had arrived
+
+
+class Client:
+    """HTTP/1.1 over a raw socket, so that the test decides what shares a connection and when bytes go out."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.buffer = b""
+        self.exchanges: list[Exchange] = []
+
+    def send(self, method: str = "GET", path: str = "/", padding: int = 0) -> Exchange:
+        """A request with a traceparent of its own; `padding` bytes of another header before it."""
+        exchange = Exchange(method, path, secrets.token_hex(16), secrets.token_hex(8), self.conn.getsockname()[1])
+        pad = f"X-Padding: {'p' * padding}\r\n" if padding else ""
+        request = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n{pad}"
+                   f"traceparent: 00-{exchange.trace_id}-{exchange.span_id}-01\r\n\r\n")
+        exchange.sent_ns = time.time_ns()
+        self.conn.sendall(request.encode())
+        self.exchanges.append(exchange)
+        return exchange
+
+    def _fill(self) -> None:
+        data = self.conn.recv(1 << 20)
+        assert data, "nginx closed the connection"
+        self.buffer += data
+
+    def receive(self, exchange: Exchange) -> Exchange:
+        """Its response, read to the last byte of the body its Content-Length announces."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        exchange.status = int(lines[0].split()[1])
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        left = 0 if exchange.method == "HEAD" else int(headers.get("content-length", 0))
+        big = left > BUFFERED
+        while left:
+            if not self.buffer:
+                self._fill()
+            taken = min(left, len(self.buffer))
+            self.buffer, left = self.buffer[taken:], left - taken
+            if big and left <= BUFFERED and not exchange.drained_ns:
+                exchange.drained_ns = time.time_ns()
+        exchange.received_ns = time.time_ns()
+        return exchange
+
+    def ask(self, method: str = "GET", path: str = "/", padding: int = 0) -> Exchange:
+        return self.receive(self.send(method, path, padding))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def traces_to(receiver) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.http_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+
+def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path):
+    nginx = Nginx(tmp_path / "nginx", workers=1, big_file=BIG)
+    t = tracer(["trace", str(NGINX), NGINX_FUNCTION, "--", *nginx.argv()], **traces_to(receiver))
+    clients = []
+    try:
+        t.wait_ready()
+        wait_for_port(nginx.port)
+        kept = Client(nginx.port)  # keep-alive: four requests, then kept open while the others run
+        clients.append(kept)
+        kept.ask("GET", "/")
+        kept.ask("GET", "/busy")
+        kept.ask("HEAD", "/")
+        kept.ask("GET", "/missing")
+        first, second = Client(nginx.port), Client(nginx.port)  # two connections at once on the one worker
+        clients += [first, second]
+        a, b = first.send("GET", "/"), second.send("GET", "/busy")
+        second.receive(b)
+        first.receive(a)
+        late = Client(nginx.port)  # the traceparent comes after 1.5 KiB of headers: nginx reads 1 KiB first
+        clients.append(late)
+        late.ask("GET", "/", padding=1536)
+        big = Client(nginx.port)
+        clients.append(big)
+        big.ask("GET", "/big.bin")
+        kept.ask("GET", "/")  # the kept connection, once more
+    finally:
+        for client in clients:
+            client.close()
+        nginx.stop()
+    assert t.finish() == 0, t.stderr
+    exchanges = [e for client in clients for e in client.exchanges]
+    assert [e.status for e in exchanges] == [200, 503, 200, 404, 200, 200, 503, 200, 200]  # by connection
+    received = receiver.wait_for_spans(2 * len(exchanges), timeout=20)
+    servers = [s for _, s in received if s.kind == s.SPAN_KIND_SERVER]
+    assert len(servers) == len(exchanges), [(s.name, attributes(s).get("url.path")) for s in servers]
+    functions = [s for _, s in received if s.name == NGINX_FUNCTION]
+    for e in exchanges:
+        mine = [s for s in servers if s.trace_id.hex() == e.trace_id]
+        assert len(mine) == 1, f"{e.method} {e.path}: {len(mine)} SERVER spans in its trace"
+        server = mine[0]
+        attrs = attributes(server)
+        assert (server.name, server.parent_span_id.hex()) == (e.method, e.span_id)
+        assert (attrs["http.response.status_code"], attrs["url.path"]) == (e.status, e.path)
+        assert (attrs["network.peer.address"], attrs["network.peer.port"]) == ("127.0.0.1", e.client_port)
+        assert (server.status.code == server.status.STATUS_CODE_ERROR) == (e.status >= 500)
+        assert attrs.get("error.type") == (str(e.status) if e.status >= 500 else None)
+        # Within the client's own readings: read after it was sent, answered before it was received in full.
+        assert e.sent_ns - CLOCK_SLACK_NS <= server.start_time_unix_nano
+        assert server.end_time_unix_nano <= e.received_ns + CLOCK_SLACK_NS, f"{e.path} ends after its response"
+        if e.drained_ns:  # ended at the last sendfile, not the first
+            assert server.end_time_unix_nano >= e.drained_ns - CLOCK_SLACK_NS
+        calls = [s for s in functions if s.trace_id.hex() == e.trace_id]
+        assert [s.parent_span_id for s in calls] == [server.span_id], f"{e.method} {e.path}"
+    assert len(functions) == len(exchanges)
+
+
+def test_a_file_that_starts_like_a_request_is_not_one(tracer, receiver, tmp_path):
+    """cat reads a file that starts with "GET " (into a pipe, so with read(), not copy_file_range): only accepted
+    sockets can carry requests, so no SERVER span; cat's probed libc read is the positive control."""
+    request_file = tmp_path / "request.txt"
+    request_file.write_text("GET / HTTP/1.1\r\nHost: example.com\r\ntraceparent: 00-"
+                            f"{secrets.token_hex(16)}-{secrets.token_hex(8)}-01\r\n\r\n")
+    t = tracer(["trace", LIBC, "read", "--", "sh", "-c", f"cat {request_file} | cat"], **traces_to(receiver))
+    assert t.finish() == 0, t.stderr
+    exported = int(re.search(r"otel-ebpf: (\d+) spans exported, 0 lost", t.stderr)[1])
+    received = receiver.wait_for_spans(exported, timeout=20)
+    assert exported > 0 and {s.name for _, s in received} == {"read"}
+    assert t.stdout == request_file.read_text()
