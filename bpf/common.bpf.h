@@ -25,6 +25,16 @@ static __always_inline int visible_ids(struct bpf_pidns_info *ns)
 }
 
 /* 64 random bits, never 0 (which means "none"). */
+/* The TraceIdRatioBased rule on the lower 64 bits of a trace id, read big-endian. */
+static __always_inline __u32 sample_root(__u64 trace_id_low)
+{
+#ifdef SAMPLE_ALL
+	return 1;
+#else
+	return __builtin_bswap64(trace_id_low) < SAMPLE_THRESHOLD;
+#endif
+}
+
 static __always_inline __u64 random_id(void)
 {
 	__u64 id = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();

@@ -35,6 +35,7 @@ struct span_record {
 #define COOKIE_PROBE_ID_MASK 0xFFFFFFULL  /* bits 0-23: the probe id */
 #define COOKIE_GO (1ULL << 24)            /* Go code: calls nest per goroutine (see goroutine_key) */
 #define COOKIE_PROCESS_START (1ULL << 25) /* the entry point of a probed executable: watch the process */
+#define COOKIE_TLS (1ULL << 26)           /* OpenSSL's SSL_read & co. (http.bpf.c): the probe id is a TLS_* */
 #define COOKIE_GOID_SHIFT 32              /* bits 32-47: offset of goid in runtime.g, 0 when unknown */
 /* Probe ids are below this: the latency map has one slot per probe id, per CPU (336 bytes each). */
 #define MAX_PROBES 1024
@@ -101,6 +102,13 @@ struct process_notice {
 #define PROCESS_CAUSE_FORK 2     /* forked from parent_pid: the same program */
 #define PROCESS_CAUSE_FOUND 3    /* first seen at a probed call; identity captured if its exec was seen */
 
+/* What a COOKIE_TLS uprobe is on (in its probe id bits). */
+#define TLS_READ 1               /* SSL_read(ssl, buf, num): returns the bytes read */
+#define TLS_WRITE 2              /* SSL_write(ssl, buf, num): returns the bytes written */
+#define TLS_READ_EX 3            /* SSL_read_ex(ssl, buf, num, *readbytes): returns 1 when it read */
+#define TLS_WRITE_EX 4           /* SSL_write_ex(ssl, buf, num, *written): returns 1 when it wrote */
+#define TLS_SET_FD 5             /* SSL_set_fd(ssl, fd): the socket of an SSL object (entry only) */
+
 /* Bytes of a read kept for user space to parse: request line and the headers that fit. */
 #define HTTP_REQUEST_CAPTURE 1024
 /* Reads of one request sent until its response starts: enough for header sections of a few KiB. */
@@ -126,12 +134,16 @@ struct http_request_notice {
 	__u64 span_id;           /* of the SERVER span: parent of the function spans on the handling thread */
 	__u32 sampled;           /* the kernel's sampling decision for this request's trace */
 	__u32 length;            /* bytes of data that are valid; only these are sent */
-	__u32 read;              /* 0: the read that began the request; then later reads of it */
+	__u16 read;              /* 0: the read that began the request; then later reads of it */
+	__u16 flags;             /* HTTP_TLS */
 	__u16 peer_family;       /* AF_INET or AF_INET6 as accept returned the peer, else 0 (unknown) */
 	__u16 peer_port;         /* host byte order */
 	__u8 peer_addr[16];      /* AF_INET: the first 4 bytes */
 	__u8 data[HTTP_REQUEST_CAPTURE];
 };
+
+/* http_request_notice.flags */
+#define HTTP_TLS 1               /* read in plaintext from SSL_read: an HTTPS request */
 
 /* A response write on a connection with a request in flight (write, writev, sendto, sendmsg, sendfile,
  * splice), or the connection's close (closed = 1). User space finds where the response ends from these. */

@@ -38,6 +38,21 @@ static __always_inline int starts_like_http(__u32 head)
 	return 0;
 }
 
+/* A syscall on socket `fd` made inside an OpenSSL call carries ciphertext: its plaintext is read at the call's
+ * return (tls.bpf.c). It tells which socket the SSL object uses. */
+static __always_inline int inside_tls_call(__u64 id, int fd)
+{
+	struct tls_call *call = tls_calls.lookup(&id);
+	if (!call)
+		return 0;
+	if (call->fd != fd) {
+		call->fd = fd;
+		struct tls_key key = {.ssl = call->ssl, .tgid = id >> 32};
+		tls_sockets.update(&key, &fd);
+	}
+	return 1;
+}
+
 static __always_inline void remember_io(int fd, const void *buf, __u32 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -64,6 +79,18 @@ static __always_inline void leave_answered_request(__u64 id)
 		thread_requests.delete(&id);
 }
 
+/* A thread waits for events: done with an answered request; and a forked server worker, which waits long
+ * before its first connection, is announced now, so that its OpenSSL uprobes are there for that connection. */
+static __always_inline void on_wait(void)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	leave_answered_request(id);
+	__u32 tgid = id >> 32;
+	struct process_info *info = current_process(tgid);
+	if (info)
+		announce_fork(tgid, info);
+}
+
 static __always_inline void remember_read(int fd, const void *buf, __u32 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -75,7 +102,8 @@ static __always_inline void remember_read(int fd, const void *buf, __u32 op)
 	if (!accepted_socket(tgid, fd, info))
 		return;
 	leave_answered_request(id);
-	remember_io(fd, buf, op);
+	if (!inside_tls_call(id, fd))
+		remember_io(fd, buf, op);
 }
 
 /* Writes are kept only on connections with a request in flight. */
@@ -84,7 +112,7 @@ static __always_inline void remember_write(int fd, const void *buf, __u32 op)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
 	if (requests.lookup(&conn))
-		remember_io(fd, buf, op);
+		remember_io(fd, buf, inside_tls_call(id, fd) ? IO_TLS_WRITE : op);
 }
 
 /* The arguments remembered at the syscall's entry, if they are of one of ops [first, last]: each serves one
@@ -119,7 +147,7 @@ static __always_inline __u64 first_buffer(struct pending_io *io, long ret, __u64
 }
 
 /* The last bytes of what the write wrote, `ret` bytes from its buffer or across its iovecs. */
-static __always_inline __u32 read_tail(struct pending_io *io, long ret, __u8 *tail)
+static __always_inline __u32 read_tail(struct pending_io *io, __u64 ret, __u8 *tail)
 {
 	__u64 end = 0;
 	if (io->op == IO_WRITE) {
@@ -135,25 +163,21 @@ static __always_inline __u32 read_tail(struct pending_io *io, long ret, __u8 *ta
 				return 0;
 			if (left <= iov.len) {
 				end = iov.base + left;
-				ret = left < ret ? left : ret; /* the tail lies in this buffer */
+				ret = left; /* the tail lies in this buffer */
 				break;
 			}
 			left -= iov.len;
 		}
 	}
-	if (!end)
-		return 0;
-	__u32 n = ret < HTTP_RESPONSE_TAIL ? ret : HTTP_RESPONSE_TAIL;
+	__u64 n = ret < HTTP_RESPONSE_TAIL ? ret : HTTP_RESPONSE_TAIL;
 	asm volatile("" : "+r"(n));
-	if (n > HTTP_RESPONSE_TAIL)
-		n = HTTP_RESPONSE_TAIL;
-	if (n == 0 || bpf_probe_read_user(tail, n, (void *)(end - n)))
+	if (!end || n == 0 || n > HTTP_RESPONSE_TAIL || bpf_probe_read_user(tail, n, (void *)(end - n)))
 		return 0;
 	return n;
 }
 
 static __always_inline void send_request_notice(struct request_context *request, struct socket_info *sock,
-						__u64 buf, __u64 length, __u32 read)
+						__u64 buf, __u64 length, __u32 read, __u16 flags)
 {
 	struct bpf_pidns_info ns = {};
 	if (visible_ids(&ns))
@@ -181,6 +205,7 @@ static __always_inline void send_request_notice(struct request_context *request,
 	event->length = n;
 	event->sampled = request->sampled;
 	event->read = read;
+	event->flags = flags;
 	event->peer_family = sock->family;
 	event->peer_port = sock->port;
 	__builtin_memcpy(event->peer_addr, sock->addr, sizeof(event->peer_addr));
@@ -190,29 +215,23 @@ static __always_inline void send_request_notice(struct request_context *request,
 	notices.ringbuf_submit(event, 0);
 }
 
-static __always_inline void on_read(long ret)
+/* `length` bytes at `buf` came in on descriptor `fd` (from the socket, or in plaintext from SSL_read): the
+ * start of a request, more of one, or nothing of HTTP. */
+static __always_inline void read_request(__u64 id, int fd, __u64 buf, __u64 length, __u16 flags)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io io;
-	if (!take_pending(id, IO_READ, IO_RECVMSG, &io) || ret <= 0)
-		return;
 	__u32 tgid = id >> 32;
 	struct process_info *info = processes.lookup(&tgid);
-	if (!info)
+	if (!info || !buf)
 		return;
-	struct socket_info *sock = accepted_socket(tgid, io.fd, info);
+	struct socket_info *sock = accepted_socket(tgid, fd, info);
 	if (!sock)
 		return;
-	__u64 length;
-	__u64 buf = first_buffer(&io, ret, &length);
-	if (!buf)
-		return;
-	struct connection_key conn = {.tgid = tgid, .fd = io.fd};
+	struct connection_key conn = {.tgid = tgid, .fd = fd};
 	struct request_context *request = requests.lookup(&conn);
 	if (request && !request->writes) {
 		/* More of a request not yet answered: the rest of its header section, or its body. */
 		if (request->reads < HTTP_REQUEST_READS)
-			send_request_notice(request, sock, buf, length, request->reads++);
+			send_request_notice(request, sock, buf, length, request->reads++, flags);
 		return;
 	}
 	if (length < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
@@ -220,7 +239,7 @@ static __always_inline void on_read(long ret)
 	__u32 head = 0;
 	if (bpf_probe_read_user(&head, sizeof(head), (void *)buf) || !starts_like_http(head))
 		return;
-	struct request_context fresh = {.span_id = random_id(), .thread = id, .fd = io.fd, .reads = 1};
+	struct request_context fresh = {.span_id = random_id(), .thread = id, .fd = fd, .reads = 1};
 	fresh.trace_id[0] = random_id();
 	fresh.trace_id[1] = random_id();
 #ifdef PARENT_BASED
@@ -228,14 +247,25 @@ static __always_inline void on_read(long ret)
 #else
 	fresh.sampled = sample_root(fresh.trace_id[1]);
 #endif
-	send_request_notice(&fresh, sock, buf, length, 0);
+	send_request_notice(&fresh, sock, buf, length, 0, flags);
 	requests.update(&conn, &fresh);
 	thread_requests.update(&id, &fresh);
 }
 
+static __always_inline void on_read(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io io;
+	if (!take_pending(id, IO_READ, IO_RECVMSG, &io) || ret <= 0)
+		return;
+	__u64 length;
+	__u64 buf = first_buffer(&io, ret, &length);
+	read_request(id, io.fd, buf, length, 0);
+}
+
 /* A response write (data: its first bytes and last bytes), or the close of the connection (closed). */
 static __always_inline void send_response_notice(struct request_context *request, struct pending_io *io,
-						 long ret, int closed)
+						 long ret, int closed, __u64 end_ns)
 {
 	struct bpf_pidns_info ns = {};
 	visible_ids(&ns);
@@ -252,7 +282,7 @@ static __always_inline void send_response_notice(struct request_context *request
 	event->header.kind = NOTICE_HTTP_RESPONSE;
 	event->header.length = head ? sizeof(*event) : offsetof(struct http_response_notice, data);
 	event->fd = request->fd;
-	event->end_ns = bpf_ktime_get_ns();
+	event->end_ns = end_ns;
 	event->span_id = request->span_id;
 	event->pid = ns.tgid;
 	event->tid = ns.pid;
@@ -274,22 +304,35 @@ static __always_inline void send_response_notice(struct request_context *request
 	notices.ringbuf_submit(event, 0);
 }
 
-static __always_inline void on_write(long ret)
+/* A write of `ret` bytes on io->fd (to the socket, or in plaintext to SSL_write), done at end_ns: part of a
+ * response, if the connection has a request in flight. */
+static __always_inline void write_response(__u64 id, struct pending_io *io, long ret, __u64 end_ns)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io io;
-	if (!take_pending(id, IO_WRITE, IO_SENDFILE, &io) || ret <= 0)
-		return;
-	struct connection_key conn = {.tgid = id >> 32, .fd = io.fd};
+	struct connection_key conn = {.tgid = id >> 32, .fd = io->fd};
 	struct request_context *request = requests.lookup(&conn);
 	if (!request)
 		return;
-	send_response_notice(request, &io, ret, 0);
+	send_response_notice(request, io, ret, 0, end_ns);
 	if (request->writes < 0xffffffff)
 		request->writes++;
 	struct request_context *serving = thread_requests.lookup(&id);
 	if (serving && serving->span_id == request->span_id)
 		serving->writes = 1;
+}
+
+static __always_inline void on_write(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io io;
+	if (!take_pending(id, IO_WRITE, IO_TLS_WRITE, &io) || ret <= 0)
+		return;
+	if (io.op != IO_TLS_WRITE) {
+		write_response(id, &io, ret, bpf_ktime_get_ns());
+		return;
+	}
+	struct tls_call *call = tls_calls.lookup(&id);
+	if (call)
+		call->written_ns = bpf_ktime_get_ns();
 }
 
 static __always_inline void remember_accept(int fd, const void *peer)
@@ -402,6 +445,7 @@ static __always_inline void forget_thread(__u64 id)
 {
 	thread_requests.delete(&id);
 	pending_io.delete(&id);
+	tls_calls.delete(&id);
 }
 
 /* A thread started while its creator serves a request serves it too. */
@@ -429,7 +473,7 @@ static __always_inline void on_close(int fd)
 	if (!request)
 		return;
 	struct pending_io none = {.fd = fd, .op = IO_SENDFILE};
-	send_response_notice(request, &none, 0, 1);
+	send_response_notice(request, &none, 0, 1, bpf_ktime_get_ns());
 	struct request_context *serving = thread_requests.lookup(&request->thread);
 	if (serving && serving->span_id == request->span_id)
 		thread_requests.delete(&request->thread);

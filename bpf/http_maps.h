@@ -12,6 +12,7 @@ enum io_op {
 	IO_WRITEV,               /* writev */
 	IO_SENDMSG,              /* sendmsg */
 	IO_SENDFILE,             /* sendfile, splice: file data, nothing to read */
+	IO_TLS_WRITE,            /* a write of ciphertext inside SSL_write: when it returns, the response is out */
 	IO_ACCEPT,               /* buf: the peer's sockaddr (accept, accept4) */
 	IO_DUP,                  /* fd: the descriptor duplicated (dup, dup2, dup3, fcntl F_DUPFD) */
 	IO_PEERNAME,             /* buf: the sockaddr getpeername fills in, for a socket accepted without one */
@@ -45,5 +46,29 @@ BPF_TABLE("lru_hash", struct connection_key, struct request_context, requests, M
 
 /* The request each thread is serving, by pid_tgid: probed calls starting there become its children. */
 BPF_TABLE("lru_hash", __u64, struct request_context, thread_requests, MAX_THREADS);
+
+/* An OpenSSL call (SSL_read, SSL_write and their _ex variants) in progress on a thread of a followed process:
+ * its arguments, and the socket its ciphertext goes through, told by the syscalls inside it. Keyed by
+ * pid_tgid. */
+struct tls_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 out;               /* the _ex variants: where the byte count goes */
+	__u32 op;                /* TLS_* */
+	__s32 fd;                /* -1 until known */
+	__u32 depth;             /* OpenSSL calls made inside this one */
+	__u32 pad;
+	__u64 written_ns;        /* SSL_write: when its last write of ciphertext returned */
+};
+BPF_HASH(tls_calls, __u64, struct tls_call, MAX_THREADS);
+
+/* The socket of each SSL object, from its first call that did I/O: a later SSL_read that finds its plaintext
+ * already buffered makes no syscall. LRU: an SSL freed behind our back cannot stay forever. */
+struct tls_key {
+	__u64 ssl;
+	__u32 tgid;
+	__u32 pad;
+};
+BPF_TABLE("lru_hash", struct tls_key, __s32, tls_sockets, MAX_THREADS);
 
 #endif

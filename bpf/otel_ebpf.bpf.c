@@ -19,10 +19,11 @@
 #include "http_maps.h"
 #endif
 #include "common.bpf.h"
-#include "uprobe.bpf.c"
 #ifdef HTTP_TRACING
 #include "http.bpf.c"
+#include "tls.bpf.c"
 #endif
+#include "uprobe.bpf.c"
 #include "process.bpf.c"
 
 TRACEPOINT_PROBE(syscalls, sys_enter_execve) { capture_exec(args->filename, args->argv, args->envp); return 0; }
@@ -75,9 +76,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
 TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { on_dup(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_openat) { on_open(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_close) { on_close(args->fd); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_epoll_wait) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait2) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_poll) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_ppoll) { leave_answered_request(bpf_get_current_pid_tgid()); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_wait) { on_wait(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait) { on_wait(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait2) { on_wait(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_poll) { on_wait(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_ppoll) { on_wait(); return 0; }
 #endif

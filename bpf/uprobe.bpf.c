@@ -26,15 +26,6 @@ static __always_inline void record_latency(__u32 probe_id, __u64 ns)
 		slots->max_ns = ns;
 }
 
-static __always_inline __u32 sample_root(__u64 trace_id_low)
-{
-#ifdef SAMPLE_ALL
-	return 1;
-#else
-	return __builtin_bswap64(trace_id_low) < SAMPLE_THRESHOLD;
-#endif
-}
-
 /* Native code nests calls per thread; Go code per goroutine, which migrate between threads: r14 holds the
  * current g under Go's register ABI (amd64, Go >= 1.17). */
 static __always_inline struct stack_key stack_key_of(struct pt_regs *ctx, __u64 cookie)
@@ -148,7 +139,13 @@ int otel_entry(struct pt_regs *ctx)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__u64 cookie = bpf_get_attach_cookie(ctx);
-	if (cookie & COOKIE_PROCESS_START) {
+	if (cookie & (COOKIE_PROCESS_START | COOKIE_TLS)) {
+#ifdef HTTP_TRACING
+		if (cookie & COOKIE_TLS) {
+			tls_entry(ctx, cookie);
+			return 0;
+		}
+#endif
 		watch_current(); /* the executable starts: follow the process from here on */
 		return 0;
 	}
@@ -186,6 +183,12 @@ int otel_return(struct pt_regs *ctx)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__u64 cookie = bpf_get_attach_cookie(ctx);
+#ifdef HTTP_TRACING
+	if (cookie & COOKIE_TLS) {
+		tls_return(ctx);
+		return 0;
+	}
+#endif
 	__u32 probe_id = cookie & COOKIE_PROBE_ID_MASK;
 	struct stack_key key = stack_key_of(ctx, cookie);
 	struct call_stack *stack = call_stacks.lookup(&key);

@@ -76,6 +76,9 @@ OTEL_EBPF_MIN_DURATION = "OTEL_EBPF_MIN_DURATION"
 OTEL_EBPF_HTTP = "OTEL_EBPF_HTTP"
 """Whether HTTP/1.x requests to traced processes become SERVER spans that parent their probed calls."""
 
+OTEL_EBPF_TLS = "OTEL_EBPF_TLS"
+"""Whether HTTPS requests are read as OpenSSL's SSL_read/SSL_write see them (uprobes in followed processes)."""
+
 OTEL_EBPF_RETRY_QUEUE_SIZE = "OTEL_EBPF_RETRY_QUEUE_SIZE"
 """Bytes of encoded spans kept in memory for a failing backend (suffix K or M allowed); the oldest go first."""
 
@@ -411,6 +414,7 @@ class Settings(BaseModel):
     ring_buffer_size: Annotated[int, AfterValidator(_power_of_two)] = 8 << 20
     min_duration_ns: Annotated[int, Field(ge=0)] = 0
     http: bool = True
+    tls: bool = True
     retry_queue_size: Annotated[int, Field(ge=0)] = 64 << 20
     spool_dir: str | None = None
     spool_size: Annotated[int, Field(gt=0)] = 256 << 20
@@ -527,6 +531,10 @@ _VARS = (
     _Var("http", (OTEL_EBPF_HTTP,), "true",
          "true: HTTP/1.x requests to traced processes become SERVER spans, parents of the probed calls "
          "that serve them (joining the caller's trace through its traceparent header).", _boolean),
+    _Var("tls", (OTEL_EBPF_TLS,), "true",
+         "true (with OTEL_EBPF_HTTP): HTTPS requests too, read in plaintext at OpenSSL's SSL_read and SSL_write "
+         "(uprobes on the libssl each followed process maps, or on its own binary if it exports them).",
+         _boolean),
     _Var("retry_queue_size", (OTEL_EBPF_RETRY_QUEUE_SIZE,), "64M",
          "Encoded spans kept in memory while the backend fails, bytes (K/M suffix); past it the oldest are "
          "dropped. 0: a failed batch is dropped.", _byte_size),

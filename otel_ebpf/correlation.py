@@ -14,6 +14,7 @@ spans: a batch with no such span costs one comparison.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -186,6 +187,8 @@ class Correlator:
         section is open (a traceparent can come late)."""
         notice = tracked.notice
         request = http1.parse_request(tracked.data)
+        if request is not None and notice.tls and request.scheme is None:
+            request = dataclasses.replace(request, scheme="https")
         parent = request.parent if request else None
         if not notice.sampled:
             keep = False  # the kernel's sampler said no, and its calls were not emitted either

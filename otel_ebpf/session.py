@@ -27,6 +27,7 @@ from otel_ebpf.otlp.transport import otlp_transport
 from otel_ebpf.pipeline import BatchProcessor, ConsoleSink, Sink, line_per_item
 from otel_ebpf.probes import ProbeTable, is_executable, start_site
 from otel_ebpf.processes import ProcessInfo, ProcessRegistry
+from otel_ebpf.protocols import tls
 
 # How often the ring buffers are read when nothing wakes us: the kernel wakes us for span events only in bursts
 # (a wake-up per span would cost every traced call), so this bounds the delay of a quiet trickle.
@@ -113,14 +114,17 @@ class _Probes:
     keeps to the followed ones, so a forked child is traced from its first instruction; a library's are
     attached per followed process, so that other processes mapping it (libc: all of them) never trap.
     System-wide: every probe once for every process, plus each executable's entry point, which starts
-    following the process that runs it."""
+    following the process that runs it. Either way OpenSSL's functions (protocols/tls.py) are attached per
+    followed process."""
 
-    def __init__(self, program: Program, attacher: Attacher, table: ProbeTable, follow: bool):
+    def __init__(self, program: Program, attacher: Attacher, table: ProbeTable, follow: bool, read_tls: bool):
         self._attacher = attacher
         self._follow = follow
+        self._read_tls = read_tls
         self._shared = []  # (path, sites) attached once for every process
         self._per_process = []  # (path, sites) attached per followed process
         self._links: dict[int, list] = {}  # pid -> its per-process attachments
+        self._tls_files: dict[int, set[str]] = {}  # pid -> the files its OpenSSL uprobes are on
         for path, probes in table.by_binary().items():
             sites = [site for probe_id, probe in probes for site in probe.sites(probe_id)]
             if not follow or is_executable(path):
@@ -130,21 +134,32 @@ class _Probes:
                 self._per_process.append((path, sites))
         self.uprobes = sum(len(sites) for _, sites in self._shared + self._per_process)
 
-    def attach(self, pids: list[int]) -> None:
+    def attach(self, pids: list[int], awaiting_exec: int | None = None) -> None:
+        """awaiting_exec: the COMMAND, still otel-ebpf's own fork: OpenSSL's uprobes wait for its exec."""
         for path, sites in self._shared:
             self._attacher.attach(path, sites)
         for pid in pids:
-            self.follow(pid)
+            self.follow(pid, openssl=pid != awaiting_exec)
 
-    def follow(self, pid: int) -> None:
-        """Library probes for a followed process (once; they stay through its execs)."""
-        if self._per_process and pid not in self._links:
-            try:
+    def follow(self, pid: int, openssl: bool = True) -> None:
+        """Library probes for a followed process (once; they stay through its execs), and OpenSSL's for the
+        files it maps or will map (again at each of its notices: an exec brings another program)."""
+        try:
+            if self._per_process and pid not in self._links:
                 self._links[pid] = [self._attacher.attach(path, sites, pid) for path, sites in self._per_process]
-            except Exception as exc:  # it may have exited already; its spans are lost, not the session
-                _log.debug("could not attach to pid %d: %s", pid, exc)
+            if self._read_tls and openssl:
+                attached = self._tls_files.setdefault(pid, set())
+                for path in tls.libraries(pid) - attached:
+                    attached.add(path)
+                    sites = tls.sites(path)
+                    if sites:
+                        self._links.setdefault(pid, []).append(self._attacher.attach(path, sites, pid))
+                        _log.debug("reading TLS plaintext of pid %d in %s", pid, path)
+        except Exception as exc:  # it may have exited already; its spans are lost, not the session
+            _log.debug("could not attach to pid %d: %s", pid, exc)
 
     def forget(self, pid: int) -> None:
+        self._tls_files.pop(pid, None)
         for attachment in self._links.pop(pid, []):
             self._attacher.detach(attachment)
 
@@ -181,7 +196,8 @@ class Session:
         self.metrics = self._metrics(console)
         self.spans_ring, self.notices_ring = self.program.rings()
         self.waiter = Waiter([self.spans_ring, self.notices_ring])
-        self.probes = _Probes(self.program, Attacher(self.program, mode), table, self.follow)
+        self.probes = _Probes(self.program, Attacher(self.program, mode), table, self.follow,
+                              settings.http and settings.tls)
         # Set by the signal handler: a plain flag, since a handler that takes a lock (Event.set) deadlocks when the
         # next signal interrupts it inside that lock. The loop looks at it at least every POLL_S.
         self.stopping = False
@@ -220,7 +236,8 @@ class Session:
             self.program.follow(pid, parent.trace_id if parent else b"", parent.span_id if parent else b"",
                                 bool(parent and parent.sampled))
         started = time.monotonic()
-        self.probes.attach(([self.command.pid] if self.command else []) + self.pids)
+        self.probes.attach(([self.command.pid] if self.command else []) + self.pids,
+                           self.command.pid if self.command else None)
         _log.debug("attached %d uprobes in %.3f s", self.probes.uprobes, time.monotonic() - started)
         target = (f"pid {self.command.pid} and its descendants" if self.command else
                   f"pid {', '.join(map(str, self.pids))} and descendants" if self.pids else "all processes")
@@ -236,11 +253,10 @@ class Session:
             server_spans = self.correlator.notices(notices)
             if server_spans:
                 self.processor.add(server_spans)
-            if self.follow:
-                for notice in notices:
-                    if isinstance(notice, layout.ProcessNotice):
-                        (self.probes.forget if notice.kind == layout.NOTICE_PROCESS_EXIT else self.probes.follow)(
-                            notice.pid)
+            for notice in notices:
+                if isinstance(notice, layout.ProcessNotice):
+                    (self.probes.forget if notice.kind == layout.NOTICE_PROCESS_EXIT else self.probes.follow)(
+                        notice.pid)
         records = self.spans_ring.spans(self.processor.room() if limit is None else limit, until)
         if len(records):
             self.processor.add(self.correlator.spans(records))

@@ -23,6 +23,13 @@ LATENCY_BUCKETS = 40
 COOKIE_PROBE_ID_MASK = 0xFFFFFF
 COOKIE_GO = 1 << 24
 COOKIE_PROCESS_START = 1 << 25
+COOKIE_TLS = 1 << 26
+TLS_READ = 1
+TLS_WRITE = 2
+TLS_READ_EX = 3
+TLS_WRITE_EX = 4
+TLS_SET_FD = 5
+HTTP_TLS = 1
 COOKIE_GOID_SHIFT = 32
 SPAN_REMOTE_PARENT = 1
 HTTP_REQUEST_CAPTURE = 1024
@@ -131,7 +138,7 @@ PROCESS = NoticeType(NOTICE_PROCESS, "process", _HEADER + (
 ) + _IDENTITY)
 HTTP_REQUEST = NoticeType(NOTICE_HTTP_REQUEST, "http_request", _HEADER + (
     ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("start_ns", "Q"), ("trace_id", "16s"),
-    ("span_id", "8s"), ("sampled", "I"), ("length", "I"), ("read", "I"), ("peer_family", "H"), ("peer_port", "H"),
+    ("span_id", "8s"), ("sampled", "I"), ("length", "I"), ("read", "H"), ("flags", "H"), ("peer_family", "H"), ("peer_port", "H"),
     ("peer_addr", "16s"), ("data", f"{HTTP_REQUEST_CAPTURE}s"),
 ))
 HTTP_RESPONSE = NoticeType(NOTICE_HTTP_RESPONSE, "http_response", _HEADER + (
@@ -177,6 +184,7 @@ class HttpRequestNotice(NamedTuple):
     data: bytes
     read: int = 0  # 0: the read that began the request; then later reads of its header section
     peer: tuple[str, int] | None = None  # as accept returned it
+    tls: bool = False  # read in plaintext from SSL_read: HTTPS
 
 
 class HttpResponseNotice(NamedTuple):
@@ -234,10 +242,10 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
         identity = _identity(record[PROCESS_HEAD_SIZE:]) if length > PROCESS_HEAD_SIZE else None
         return ProcessNotice(kind, pid, seq, parent_pid, parent_seq, cause, identity)
     if kind == NOTICE_HTTP_REQUEST:
-        (_, _, fd, pid, tid, seq, start, trace_id, span_id, sampled, length, read, family, port, addr,
+        (_, _, fd, pid, tid, seq, start, trace_id, span_id, sampled, length, read, flags, family, port, addr,
          data) = _REQUEST.unpack_from(record)
         return HttpRequestNotice(fd, pid, tid, seq, start, trace_id, span_id, sampled, data[:length], read,
-                                 peer_address(family, port, addr))
+                                 peer_address(family, port, addr), bool(flags & HTTP_TLS))
     if kind == NOTICE_HTTP_RESPONSE:
         if len(record) < _RESPONSE.size:  # a write without its first bytes: the record ends before them
             record = bytes(record) + bytes(_RESPONSE.size - len(record))

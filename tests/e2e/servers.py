@@ -32,12 +32,19 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
 
 class Nginx:
     """nginx with two workers in `directory`: a static file (and big.bin of `big_file` bytes), a 503, static
-    files sent with sendfile, and an access log that says which worker (pid) served which request (its
+    files sent with sendfile (with `tls`, HTTPS: written with SSL_write), and an access log that says which worker (pid) served which request (its
     traceparent), as the ground truth."""
 
-    def __init__(self, directory: Path, workers: int = 2, big_file: int = 0):
+    def __init__(self, directory: Path, workers: int = 2, big_file: int = 0, tls: bool = False):
         self.directory, self.port = directory, free_port()
         (directory / "html").mkdir(parents=True, exist_ok=True)
+        listen = f"127.0.0.1:{self.port} reuseport"
+        if tls:  # HTTPS with a self-signed certificate made here
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                            "/CN=127.0.0.1", "-keyout", str(directory / "key.pem"), "-out",
+                            str(directory / "cert.pem")], check=True, capture_output=True, timeout=60)
+            listen += (f" ssl;\n        ssl_certificate {directory / 'cert.pem'};\n"
+                       f"        ssl_certificate_key {directory / 'key.pem'}")
         (directory / "html" / "index.html").write_text("hello\n")
         if big_file:
             with open(directory / "html" / "big.bin", "wb") as f:
@@ -57,7 +64,7 @@ http {{
     sendfile on;
     {temp}
     server {{
-        listen 127.0.0.1:{self.port} reuseport;
+        listen {listen};
         root {directory / 'html'};
         location /busy {{ return 503; }}
     }}

@@ -182,8 +182,9 @@ def test_sampler_decides_like_the_sdk_trace_id_ratio_sampler(ratio):
 
 
 @pytest.mark.parametrize("text, expected", [("true", True), ("FALSE", False), ("", True)])
-def test_http_switch(text, expected):
-    assert load_settings({config.OTEL_EBPF_HTTP: text}).http is expected
+@pytest.mark.parametrize("variable, field", [(config.OTEL_EBPF_HTTP, "http"), (config.OTEL_EBPF_TLS, "tls")])
+def test_http_and_tls_switches(variable, field, text, expected):
+    assert getattr(load_settings({variable: text}), field) is expected
 
 
 @pytest.mark.parametrize(
@@ -262,6 +263,7 @@ def test_certificate_files_that_exist_are_accepted(tmp_path):
         (config.OTEL_EBPF_MIN_DURATION, "2 hours", "such as 2ms, 500us"),
         (config.OTEL_EBPF_MIN_DURATION, "-1ms", "a bare number is milliseconds"),
         (config.OTEL_EBPF_HTTP, "maybe", "true or false"),
+        (config.OTEL_EBPF_TLS, "yes please", "true or false"),
     ],
 )
 def test_invalid_values_name_variable_and_value(variable, value, reason):
@@ -290,7 +292,7 @@ def test_invalid_argument_names_the_argument():
 
 def test_settings_doc_lists_every_variable_once():
     names = [name for name, _, _ in config.SETTINGS_DOC]
-    assert len(names) == len(set(names)) == 56
+    assert len(names) == len(set(names)) == 57
     assert (config.OTEL_EBPF_RING_BUFFER_SIZE, "8M") in [row[:2] for row in config.SETTINGS_DOC]
     assert (SAMPLER, "parentbased_always_on") in [row[:2] for row in config.SETTINGS_DOC]
     assert all(meaning for _, _, meaning in config.SETTINGS_DOC)

@@ -275,3 +275,9 @@ def test_server_span_addresses_are_the_peer_accept_returned(peer):
     assert (attributes["network.peer.address"], attributes["network.peer.port"]) == peer
     assert attributes["client.address"] == peer[0]
     assert (attributes["server.address"], attributes["server.port"]) == ("example.com", 8080)  # Host wins
+
+
+@pytest.mark.parametrize("tls, scheme", [(False, "http"), (True, "https")])
+def test_a_request_read_from_ssl_read_is_https(tls, scheme):
+    _, (server_span,) = accept(correlator(), request()._replace(tls=tls), response())
+    assert server_span.attributes["url.scheme"] == scheme
