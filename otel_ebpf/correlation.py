@@ -203,7 +203,7 @@ class Correlator:
             tracked.data = None
         if request is None:
             # Not HTTP after all: no SERVER span, so the calls made meanwhile are roots of their own.
-            self._rewrites.add(notice.trace_id, notice.trace_id if notice.sampled else None, notice.span_id)
+            self._rewrites.add(notice.trace_id, notice.trace_id, notice.span_id)
         elif not keep:
             self._rewrites.add(notice.trace_id, None)
         elif parent is not None:
@@ -228,7 +228,7 @@ class Correlator:
         connection = (tracked.notice.pid, tracked.notice.fd)
         if self._connections.get(connection) == span_id:
             del self._connections[connection]
-        if not (tracked.keep and tracked.request is not None):
+        if not tracked.keep:
             return []
         return [self._server_span(tracked, end_ns or tracked.last_write_ns or tracked.notice.start_ns)]
 

@@ -32,6 +32,9 @@ from otel_ebpf.protocols import tls
 # How often the ring buffers are read when nothing wakes us: the kernel wakes us for span events only in bursts
 # (a wake-up per span would cost every traced call), so this bounds the delay of a quiet trickle.
 POLL_S = 0.05
+# How often followed processes are looked at again for a libssl they loaded with dlopen (Python's ssl module):
+# no event tells of that.
+TLS_RESCAN_S = 1.0
 # Of the shutdown deadline, what the last metrics export gets: one short attempt (they are cumulative, and the
 # spans matter more).
 METRICS_SHARE = 0.2
@@ -158,6 +161,11 @@ class _Probes:
         except Exception as exc:  # it may have exited already; its spans are lost, not the session
             _log.debug("could not attach to pid %d: %s", pid, exc)
 
+    def rescan(self) -> None:
+        """OpenSSL's uprobes for a libssl a followed process mapped since it was last looked at."""
+        for pid in list(self._tls_files):
+            self.follow(pid)
+
     def forget(self, pid: int) -> None:
         self._tls_files.pop(pid, None)
         for attachment in self._links.pop(pid, []):
@@ -266,12 +274,16 @@ class Session:
 
     def trace(self) -> None:
         """Until the command exits, or SIGINT/SIGTERM."""
+        rescan_at = time.monotonic() + TLS_RESCAN_S
         while not (self.command.poll() is not None if self.command else self.stopping):
             if self.processor.room():
                 self.waiter.wait(POLL_S)
             else:
                 self.processor.wait_for_room(POLL_S)
             self.drain()
+            if time.monotonic() >= rescan_at:
+                self.probes.rescan()
+                rescan_at = time.monotonic() + TLS_RESCAN_S
 
     def shut_down(self) -> None:
         """Within OTEL_EBPF_SHUTDOWN_TIMEOUT: detach first (nothing new arrives), drain what the kernel holds,

@@ -19,6 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with openssl in `directory`."""
+    certificate, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(certificate)], check=True, capture_output=True, timeout=60)
+    return certificate, key
+
+
 def wait_for_port(port: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -39,12 +47,9 @@ class Nginx:
         self.directory, self.port = directory, free_port()
         (directory / "html").mkdir(parents=True, exist_ok=True)
         listen = f"127.0.0.1:{self.port} reuseport"
-        if tls:  # HTTPS with a self-signed certificate made here
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                            "/CN=127.0.0.1", "-keyout", str(directory / "key.pem"), "-out",
-                            str(directory / "cert.pem")], check=True, capture_output=True, timeout=60)
-            listen += (f" ssl;\n        ssl_certificate {directory / 'cert.pem'};\n"
-                       f"        ssl_certificate_key {directory / 'key.pem'}")
+        if tls:
+            certificate, key = self_signed(directory)
+            listen += f" ssl;\n        ssl_certificate {certificate};\n        ssl_certificate_key {key}"
         (directory / "html" / "index.html").write_text("hello\n")
         if big_file:
             with open(directory / "html" / "big.bin", "wb") as f:

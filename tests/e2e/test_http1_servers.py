@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 import socket
 import ssl
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.servers import NGINX, NGINX_FUNCTION, Nginx, wait_for_port
+from tests.e2e.servers import NGINX, NGINX_FUNCTION, Nginx, self_signed, wait_for_port
 from tests.e2e.spancheck import CLOCK_SLACK_NS, attributes
 
 # Larger than anything the loopback's socket buffers can hold (tcp_wmem's and tcp_rmem's maxima here: 4 and 6 MiB):
@@ -173,6 +174,62 @@ def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path,
         calls = [s for s in functions if s.trace_id.hex() == e.trace_id]
         assert [s.parent_span_id for s in calls] == [server.span_id], f"{e.method} {e.path}"
     assert len(functions) == len(exchanges)
+
+
+# Python's own HTTPS server: the ssl module (and with it libssl) is loaded once the program runs, and CPython
+# reads and writes with SSL_read_ex and SSL_write_ex, a thread per connection.
+PYTHON_HTTPS_SERVER = """
+import http.server, signal, ssl, sys
+signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # the tracer passes its SIGINT on: a clean exit
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"hello\\n"
+        self.send_response(200 if self.path == "/" else 503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_python_https_server_and_the_libssl_it_loads_later(tracer, receiver, tmp_path):
+    certificate, key = self_signed(tmp_path)
+    t = tracer(["trace", LIBC, "close", "--", "/usr/bin/python3", "-c", PYTHON_HTTPS_SERVER, str(certificate),
+                str(key)], **traces_to(receiver))
+    try:
+        port = int(t.wait_stdout(r"^(\d+)$")[1])
+        server_pid = int(re.search(r" in pid (\d+) and its descendants", t.stderr)[1])
+        deadline = time.monotonic() + 30  # found by the next look at the process's mappings (TLS_RESCAN_S)
+        while f"reading TLS plaintext of pid {server_pid} " not in t.stderr:
+            assert time.monotonic() < deadline and t.proc.poll() is None, t.stderr
+            time.sleep(0.01)  # polling the condition: the tracer's stderr grows as it attaches
+        client = Client(port, tls=True)
+        exchanges = [client.ask("GET", "/"), client.ask("GET", "/busy")]
+        client.close()
+    finally:
+        t.proc.send_signal(signal.SIGINT)
+    assert t.finish() == 0, t.stderr
+    assert [e.status for e in exchanges] == [200, 503]
+    exported = int(re.search(r"otel-ebpf: (\d+) spans exported, 0 lost", t.stderr)[1])
+    received = receiver.wait_for_spans(exported, timeout=20)
+    servers = [s for _, s in received if s.kind == s.SPAN_KIND_SERVER]
+    assert len(servers) == len(exchanges)
+    for e in exchanges:
+        (server,) = [s for s in servers if s.trace_id.hex() == e.trace_id]
+        attrs = attributes(server)
+        assert (server.name, server.parent_span_id.hex(), attrs["url.scheme"]) == ("GET", e.span_id, "https")
+        assert (attrs["http.response.status_code"], attrs["url.path"]) == (e.status, e.path)
+        assert attrs["network.peer.port"] == e.client_port
+        assert e.sent_ns - CLOCK_SLACK_NS <= server.start_time_unix_nano
+        assert server.end_time_unix_nano <= e.received_ns + CLOCK_SLACK_NS
 
 
 def test_a_file_that_starts_like_a_request_is_not_one(tracer, receiver, tmp_path):
