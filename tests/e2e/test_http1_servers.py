@@ -232,6 +232,52 @@ def test_python_https_server_and_the_libssl_it_loads_later(tracer, receiver, tmp
         assert server.end_time_unix_nano <= e.received_ns + CLOCK_SLACK_NS
 
 
+PYTHON_SERVER_WITH_WORKER_THREADS = """
+import http.server, os, signal, sys, threading
+signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        worker = threading.Thread(target=os.getpid)  # a thread started while the request is served
+        worker.start()
+        worker.join()
+        body = b"hello\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_threads_started_while_a_request_is_served_serve_it_too(tracer, receiver):
+    """Python's ThreadingHTTPServer, keep-alive: each request starts a thread that calls getpid; that call is a
+    child of its own request's SERVER span, though another thread read the request."""
+    t = tracer(["trace", LIBC, "getpid", "--", "/usr/bin/python3", "-c", PYTHON_SERVER_WITH_WORKER_THREADS],
+               **traces_to(receiver))
+    try:
+        port = int(t.wait_stdout(r"^(\d+)$")[1])
+        client = Client(port, tls=False)
+        exchanges = [client.ask("GET", "/"), client.ask("GET", "/again")]
+        client.close()
+    finally:
+        t.proc.send_signal(signal.SIGINT)
+    assert t.finish() == 0, t.stderr
+    exported = int(re.search(r"otel-ebpf: (\d+) spans exported, 0 lost", t.stderr)[1])
+    received = receiver.wait_for_spans(exported, timeout=20)
+    for e in exchanges:
+        mine = [s for _, s in received if s.trace_id.hex() == e.trace_id]
+        (server,) = [s for s in mine if s.kind == s.SPAN_KIND_SERVER]
+        (call,) = [s for s in mine if s.name == "getpid"]
+        assert (server.parent_span_id.hex(), attributes(server)["url.path"]) == (e.span_id, e.path)
+        assert call.parent_span_id == server.span_id
+        assert attributes(call)["thread.id"] != attributes(server)["thread.id"]
+
+
 def test_a_file_that_starts_like_a_request_is_not_one(tracer, receiver, tmp_path):
     """dd reads a file that starts with "GET ": only accepted sockets can carry requests, so no SERVER span;
     dd's probed libc reads are the positive control."""
