@@ -13,6 +13,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 
@@ -103,14 +104,25 @@ def traces_to(receiver) -> dict[str, str]:
             "OTEL_LOG_LEVEL": "debug"}
 
 
-def wait_for_tls_in_a_worker(t) -> None:
-    """OpenSSL's uprobes go on per process, once the kernel announced it: a forked worker at its first wait for
-    events, a few ms after its fork. Requests sent before then are not read (README, "Joining existing traces")."""
-    master = int(re.search(r" in pid (\d+) and its descendants", t.stderr)[1])
+def command_pid(t) -> int:
+    return int(re.search(r" in pid (\d+) and its descendants", t.stderr)[1])
+
+
+def wait_for_tls_in(t, wanted: Callable[[int], bool]) -> None:
+    """Until OpenSSL's uprobes are on in a process `wanted` accepts. They go on per process, once the kernel
+    announced it (a forked worker at its first wait for events, a few ms after its fork), or once a look at
+    its mappings finds a libssl it loaded (TLS_RESCAN_S). Requests sent before then are not read (README,
+    "Joining existing traces")."""
     deadline = time.monotonic() + 30
-    while not any(int(pid) != master for pid in re.findall(r"reading TLS plaintext of pid (\d+) ", t.stderr)):
+    while not any(wanted(int(pid)) for pid in re.findall(r"reading TLS plaintext of pid (\d+) ", t.stderr)):
         assert time.monotonic() < deadline and t.proc.poll() is None, t.stderr
         time.sleep(0.01)  # polling the condition: the tracer's stderr grows as it attaches
+
+
+def exported_spans(t, receiver) -> list:
+    """Every span the finished tracer says it exported, as the receiver got them."""
+    exported = int(re.search(r"otel-ebpf: (\d+) spans exported, 0 lost", t.stderr)[1])
+    return receiver.wait_for_spans(exported, timeout=20)
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -125,7 +137,8 @@ def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path,
         t.wait_ready()
         wait_for_port(nginx.port)
         if tls:
-            wait_for_tls_in_a_worker(t)
+            master = command_pid(t)
+            wait_for_tls_in(t, lambda pid: pid != master)
         kept = Client(nginx.port, tls)  # keep-alive: four requests, then kept open while the others run
         clients.append(kept)
         kept.ask("GET", "/")
@@ -176,14 +189,20 @@ def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path,
     assert len(functions) == len(exchanges)
 
 
-# Python's own HTTPS server: the ssl module (and with it libssl) is loaded once the program runs, and CPython
-# reads and writes with SSL_read_ex and SSL_write_ex, a thread per connection.
-PYTHON_HTTPS_SERVER = """
-import http.server, signal, ssl, sys
+# Python's own server, a thread per connection, keep-alive: "/" answers 200, any other path 503. With
+# `--worker-thread` each request starts a thread that calls getpid; with `--tls CERT KEY` HTTPS, for which the ssl
+# module (and with it libssl) is loaded once the program runs, and CPython reads and writes with SSL_read_ex and
+# SSL_write_ex.
+PYTHON_SERVER = """
+import http.server, os, signal, sys, threading
 signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # the tracer passes its SIGINT on: a clean exit
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if "--worker-thread" in sys.argv:
+            worker = threading.Thread(target=os.getpid)  # a thread started while the request is served
+            worker.start()
+            worker.join()
         body = b"hello\\n"
         self.send_response(200 if self.path == "/" else 503)
         self.send_header("Content-Length", str(len(body)))
@@ -192,34 +211,40 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(sys.argv[1], sys.argv[2])
-server.socket = context.wrap_socket(server.socket, server_side=True)
+if "--tls" in sys.argv:
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    at = sys.argv.index("--tls")
+    context.load_cert_chain(sys.argv[at + 1], sys.argv[at + 2])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 """
 
 
-def test_python_https_server_and_the_libssl_it_loads_later(tracer, receiver, tmp_path):
-    certificate, key = self_signed(tmp_path)
-    t = tracer(["trace", LIBC, "close", "--", "/usr/bin/python3", "-c", PYTHON_HTTPS_SERVER, str(certificate),
-                str(key)], **traces_to(receiver))
+def python_server(tracer, receiver, function: str, *options: str, tls: bool = False) -> tuple[list, list]:
+    """PYTHON_SERVER under `otel-ebpf trace libc FUNCTION`, asked GET / and GET /busy on one connection: the
+    exchanges and the spans exported."""
+    t = tracer(["trace", LIBC, function, "--", "/usr/bin/python3", "-c", PYTHON_SERVER, *options],
+               **traces_to(receiver))
     try:
         port = int(t.wait_stdout(r"^(\d+)$")[1])
-        server_pid = int(re.search(r" in pid (\d+) and its descendants", t.stderr)[1])
-        deadline = time.monotonic() + 30  # found by the next look at the process's mappings (TLS_RESCAN_S)
-        while f"reading TLS plaintext of pid {server_pid} " not in t.stderr:
-            assert time.monotonic() < deadline and t.proc.poll() is None, t.stderr
-            time.sleep(0.01)  # polling the condition: the tracer's stderr grows as it attaches
-        client = Client(port, tls=True)
+        if tls:
+            server_pid = command_pid(t)
+            wait_for_tls_in(t, lambda pid: pid == server_pid)
+        client = Client(port, tls)
         exchanges = [client.ask("GET", "/"), client.ask("GET", "/busy")]
         client.close()
     finally:
         t.proc.send_signal(signal.SIGINT)
     assert t.finish() == 0, t.stderr
     assert [e.status for e in exchanges] == [200, 503]
-    exported = int(re.search(r"otel-ebpf: (\d+) spans exported, 0 lost", t.stderr)[1])
-    received = receiver.wait_for_spans(exported, timeout=20)
+    return exchanges, exported_spans(t, receiver)
+
+
+def test_python_https_server_and_the_libssl_it_loads_later(tracer, receiver, tmp_path):
+    certificate, key = self_signed(tmp_path)
+    exchanges, received = python_server(tracer, receiver, "close", "--tls", str(certificate), str(key), tls=True)
     servers = [s for _, s in received if s.kind == s.SPAN_KIND_SERVER]
     assert len(servers) == len(exchanges)
     for e in exchanges:
@@ -232,43 +257,10 @@ def test_python_https_server_and_the_libssl_it_loads_later(tracer, receiver, tmp
         assert server.end_time_unix_nano <= e.received_ns + CLOCK_SLACK_NS
 
 
-PYTHON_SERVER_WITH_WORKER_THREADS = """
-import http.server, os, signal, sys, threading
-signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        worker = threading.Thread(target=os.getpid)  # a thread started while the request is served
-        worker.start()
-        worker.join()
-        body = b"hello\\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-print(server.server_address[1], flush=True)
-server.serve_forever()
-"""
-
-
 def test_threads_started_while_a_request_is_served_serve_it_too(tracer, receiver):
-    """Python's ThreadingHTTPServer, keep-alive: each request starts a thread that calls getpid; that call is a
-    child of its own request's SERVER span, though another thread read the request."""
-    t = tracer(["trace", LIBC, "getpid", "--", "/usr/bin/python3", "-c", PYTHON_SERVER_WITH_WORKER_THREADS],
-               **traces_to(receiver))
-    try:
-        port = int(t.wait_stdout(r"^(\d+)$")[1])
-        client = Client(port, tls=False)
-        exchanges = [client.ask("GET", "/"), client.ask("GET", "/again")]
-        client.close()
-    finally:
-        t.proc.send_signal(signal.SIGINT)
-    assert t.finish() == 0, t.stderr
-    exported = int(re.search(r"otel-ebpf: (\d+) spans exported, 0 lost", t.stderr)[1])
-    received = receiver.wait_for_spans(exported, timeout=20)
+    """Each request starts a thread that calls getpid; that call is a child of its own request's SERVER span,
+    though another thread read the request."""
+    exchanges, received = python_server(tracer, receiver, "getpid", "--worker-thread")
     for e in exchanges:
         mine = [s for _, s in received if s.trace_id.hex() == e.trace_id]
         (server,) = [s for s in mine if s.kind == s.SPAN_KIND_SERVER]
@@ -287,6 +279,5 @@ def test_a_file_that_starts_like_a_request_is_not_one(tracer, receiver, tmp_path
     t = tracer(["trace", LIBC, "read", "--", "dd", f"if={request_file}", "of=/dev/null", "status=none"],
                **traces_to(receiver))
     assert t.finish() == 0, t.stderr
-    exported = int(re.search(r"otel-ebpf: (\d+) spans exported, 0 lost", t.stderr)[1])
-    received = receiver.wait_for_spans(exported, timeout=20)
-    assert exported > 0 and {s.name for _, s in received} == {"read"}
+    received = exported_spans(t, receiver)
+    assert received and {s.name for _, s in received} == {"read"}
