@@ -45,6 +45,7 @@ enum notice_kind {
 	NOTICE_PROCESS_EXIT = 2,  /* struct process_notice without identity */
 	NOTICE_HTTP_REQUEST = 3,  /* struct http_request_notice */
 	NOTICE_HTTP_RESPONSE = 4, /* struct http_response_notice */
+	NOTICE_FDS_CLOSED = 5,    /* struct fds_closed_notice */
 };
 
 /* The first bytes of every notice. */
@@ -136,9 +137,12 @@ struct http_request_notice {
 	__u32 length;            /* bytes of data that are valid; only these are sent */
 	__u16 read;              /* 0: the read that began the request; then later reads of it */
 	__u16 flags;             /* HTTP_TLS */
-	__u16 peer_family;       /* AF_INET or AF_INET6 as accept returned the peer, else 0 (unknown) */
+	__u16 family;            /* of both addresses: AF_INET or AF_INET6 as accept returned the peer, else 0 */
 	__u16 peer_port;         /* host byte order */
 	__u8 peer_addr[16];      /* AF_INET: the first 4 bytes */
+	__u16 local_port;        /* 0: the local end is not known */
+	__u16 pad[3];
+	__u8 local_addr[16];
 	__u8 data[HTTP_REQUEST_CAPTURE];
 };
 
@@ -163,12 +167,23 @@ struct http_response_notice {
 	__u8 data[HTTP_RESPONSE_CAPTURE]; /* only while write < HTTP_RESPONSE_HEAD_WRITES */
 };
 
+/* Descriptors [first, last] of a watched process that had sockets closed at once, without a close() per
+ * descriptor: close_range, or the process's exit (0 to ~0). The requests on them end then. */
+struct fds_closed_notice {
+	struct notice_header header; /* NOTICE_FDS_CLOSED */
+	__u32 pid;
+	__u32 first;
+	__u64 last;              /* a u64 so that the record has no padding */
+	__u64 end_ns;            /* CLOCK_MONOTONIC */
+};
+
 /* Never sent: the value type of the `event_layout` map, so user space can check every layout. */
 struct event_layouts {
 	struct span_record span;
 	struct process_notice process;
 	struct http_request_notice http_request;
 	struct http_response_notice http_response;
+	struct fds_closed_notice fds_closed;
 };
 
 /* Slots of the `counters` map: things the kernel side could not do, so user space can report them. */
@@ -178,7 +193,15 @@ enum counter {
 	COUNTER_UNMATCHED_RETURN = 2, /* a return without its entry (probe attached mid-call, longjmp) */
 	COUNTER_NOTICES_LOST = 3,     /* notice ring buffer full: an HTTP or process notice could not be emitted */
 	COUNTER_WAKEUPS = 4,          /* a span woke user space (one every SPAN_WAKE_EVERY ids of a stack) */
-	COUNTER_MAX = 5,
+	/* Entries put in and taken out of the LRU maps of http_maps.h: what a map holds beyond their difference
+	 * was pushed out to make room (user space counts the entries). */
+	COUNTER_SOCKETS_ADDED = 5,
+	COUNTER_SOCKETS_REMOVED = 6,
+	COUNTER_REQUESTS_ADDED = 7,
+	COUNTER_REQUESTS_REMOVED = 8,
+	COUNTER_THREAD_REQUESTS_ADDED = 9,
+	COUNTER_THREAD_REQUESTS_REMOVED = 10,
+	COUNTER_MAX = 11,
 };
 
 /* Per-probe latency histogram, one per CPU (the `latency` map): calls with 2^(i-1) < duration_ns <= 2^i

@@ -6,12 +6,22 @@
  * reads and the writes of its response go to user space, which parses the one and finds where the other
  * ends (RFC 9112). Requests are kept per connection: an event loop that reads B before answering A keeps
  * both. A thread serves the request it last read, until it has written some of the response and then
- * waits for events or reads again, or the connection closes; probed calls there are its children. */
+ * waits for events or reads again, or the connection closes; probed calls there are its children.
+ *
+ * The LRU maps' entries are put in and taken out through the helpers below, which count both: user space
+ * tells from the counts what was pushed out to make room. */
 
 #define AF_INET_FAMILY 2
 #define AF_INET6_FAMILY 10
 #define F_DUPFD_CMD 0
 #define F_DUPFD_CLOEXEC_CMD 1030
+#define CLOSE_RANGE_CLOEXEC_FLAG 4
+#define TCP_ESTABLISHED_STATE 1
+#define TCP_SYN_RECV_STATE 3
+#define IPPROTO_TCP_NUMBER 6
+/* Descriptors a close_range or a process's exit looks at for sockets, from the lowest: servers' numbers are
+ * dense (beyond, the LRU pushes stale ones out). */
+#define SWEPT_FDS 4096
 /* Of a writev's iovecs, how many are looked at to find the last bytes it wrote. */
 #define TAIL_IOVECS 8
 
@@ -19,6 +29,53 @@ struct user_iovec {
 	__u64 base;
 	__u64 len;
 };
+
+static __always_inline void keep_socket(struct connection_key *conn, struct socket_info *sock)
+{
+	if (sockets.insert(conn, sock)) {
+		sockets.update(conn, sock);
+		return;
+	}
+	count(COUNTER_SOCKETS_ADDED);
+	__u32 limit = conn->fd + 1;
+	__u32 *known = socket_fd_limits.lookup(&conn->tgid);
+	if (!known || *known < limit)
+		socket_fd_limits.update(&conn->tgid, &limit);
+}
+
+static __always_inline void forget_socket(struct connection_key *conn)
+{
+	if (!sockets.delete(conn))
+		count(COUNTER_SOCKETS_REMOVED);
+}
+
+static __always_inline void keep_request(struct connection_key *conn, struct request_context *request)
+{
+	if (requests.insert(conn, request))
+		requests.update(conn, request);
+	else
+		count(COUNTER_REQUESTS_ADDED);
+}
+
+static __always_inline void forget_request(struct connection_key *conn)
+{
+	if (!requests.delete(conn))
+		count(COUNTER_REQUESTS_REMOVED);
+}
+
+static __always_inline void serve_request(__u64 *thread, struct request_context *request)
+{
+	if (thread_requests.insert(thread, request))
+		thread_requests.update(thread, request);
+	else
+		count(COUNTER_THREAD_REQUESTS_ADDED);
+}
+
+static __always_inline void stop_serving(__u64 *thread)
+{
+	if (!thread_requests.delete(thread))
+		count(COUNTER_THREAD_REQUESTS_REMOVED);
+}
 
 /* The first four bytes of every HTTP/1.x method user space knows, little-endian. */
 static __always_inline int starts_like_http(__u32 head)
@@ -76,7 +133,7 @@ static __always_inline void leave_answered_request(__u64 id)
 {
 	struct request_context *serving = thread_requests.lookup(&id);
 	if (serving && serving->writes)
-		thread_requests.delete(&id);
+		stop_serving(&id);
 }
 
 /* A thread waits for events: done with an answered request; and a forked server worker, which waits long
@@ -206,9 +263,11 @@ static __always_inline void send_request_notice(struct request_context *request,
 	event->sampled = request->sampled;
 	event->read = read;
 	event->flags = flags;
-	event->peer_family = sock->family;
-	event->peer_port = sock->port;
-	__builtin_memcpy(event->peer_addr, sock->addr, sizeof(event->peer_addr));
+	event->family = sock->family;
+	event->peer_port = sock->peer.port;
+	__builtin_memcpy(event->peer_addr, sock->peer.addr, sizeof(event->peer_addr));
+	event->local_port = sock->local.port;
+	__builtin_memcpy(event->local_addr, sock->local.addr, sizeof(event->local_addr));
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct process_info *info = processes.lookup(&tgid);
 	event->process_seq = info ? info->seq : 0;
@@ -248,8 +307,8 @@ static __always_inline void read_request(__u64 id, int fd, __u64 buf, __u64 leng
 	fresh.sampled = sample_root(fresh.trace_id[1]);
 #endif
 	send_request_notice(&fresh, sock, buf, length, 0, flags);
-	requests.update(&conn, &fresh);
-	thread_requests.update(&id, &fresh);
+	keep_request(&conn, &fresh);
+	serve_request(&id, &fresh);
 }
 
 static __always_inline void on_read(long ret)
@@ -342,6 +401,17 @@ static __always_inline void remember_accept(int fd, const void *peer)
 		remember_io(fd, peer, IO_ACCEPT);
 }
 
+/* The local end of a connection just accepted, as its establishment told (passive_opens). */
+static __always_inline void find_local_end(struct socket_info *sock)
+{
+	struct endpoint_key key = {.family = sock->family, .peer = sock->peer};
+	struct endpoint *local = passive_opens.lookup(&key);
+	if (!local)
+		return;
+	sock->local = *local;
+	passive_opens.delete(&key);
+}
+
 /* The peer's address from a sockaddr accept or getpeername filled in; family 0 if it is not IP. */
 static __always_inline void read_peer(__u64 sockaddr, struct socket_info *sock)
 {
@@ -355,32 +425,52 @@ static __always_inline void read_peer(__u64 sockaddr, struct socket_info *sock)
 		return;
 	if (addr.family == AF_INET_FAMILY) {
 		sock->family = AF_INET_FAMILY;
-		__builtin_memcpy(sock->addr, &addr.v4_or_flowinfo, 4);
+		__builtin_memcpy(sock->peer.addr, &addr.v4_or_flowinfo, 4);
 	} else if (addr.family == AF_INET6_FAMILY) {
 		sock->family = AF_INET6_FAMILY;
-		__builtin_memcpy(sock->addr, addr.v6, 16);
+		__builtin_memcpy(sock->peer.addr, addr.v6, 16);
 	} else {
 		return;
 	}
-	sock->port = (addr.port >> 8) | (addr.port << 8);
+	sock->peer.port = (addr.port >> 8) | (addr.port << 8);
+	find_local_end(sock);
+}
+
+/* A TCP connection to this host is established (softirq: no process has it yet): its local end, by its
+ * peer's, for the accept that will return it. */
+static __always_inline void on_passive_open(__u16 family, __u16 local_port, __u16 peer_port, const __u8 *local4,
+					    const __u8 *peer4, const __u8 *local6, const __u8 *peer6)
+{
+	struct endpoint_key key = {.family = family, .peer = {.port = peer_port}};
+	struct endpoint local = {.port = local_port};
+	if (family == AF_INET_FAMILY) {
+		__builtin_memcpy(key.peer.addr, peer4, 4);
+		__builtin_memcpy(local.addr, local4, 4);
+	} else if (family == AF_INET6_FAMILY) {
+		__builtin_memcpy(key.peer.addr, peer6, 16);
+		__builtin_memcpy(local.addr, local6, 16);
+	} else {
+		return;
+	}
+	passive_opens.update(&key, &local);
 }
 
 /* A connection accepted: a socket whose reads may begin requests, and its peer's address (unless accept was
- * given no sockaddr: then getpeername, if the server calls it). */
+ * given no sockaddr, or was already waiting when tracing began: then getpeername, if the server calls it). */
 static __always_inline void on_accept(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io io;
-	if (!take_pending(id, IO_ACCEPT, IO_ACCEPT, &io) || ret < 0)
-		return;
+	struct pending_io io = {};
+	if (!take_pending(id, IO_ACCEPT, IO_ACCEPT, &io))
+		io.buf = 0;
 	__u32 tgid = id >> 32;
-	struct process_info *info = processes.lookup(&tgid);
+	struct process_info *info = ret < 0 ? NULL : processes.lookup(&tgid);
 	if (!info)
 		return;
 	struct socket_info sock = {.process_seq = info->seq};
 	read_peer(io.buf, &sock);
 	struct connection_key conn = {.tgid = tgid, .fd = ret};
-	sockets.update(&conn, &sock);
+	keep_socket(&conn, &sock);
 }
 
 static __always_inline void remember_peername(int fd, const void *peer)
@@ -423,27 +513,27 @@ static __always_inline void on_dup(long ret)
 	struct socket_info *sock = sockets.lookup(&old);
 	if (sock) {
 		struct socket_info same = *sock;
-		sockets.update(&copy, &same);
+		keep_socket(&copy, &same);
 	} else {
-		sockets.delete(&copy);
+		forget_socket(&copy);
 	}
 }
 
-/* A new file takes a number a socket closed without otel-ebpf seeing it (close_range, a closed-on-exec
- * socket) may have left behind. */
+/* A new file or socket takes a number a socket closed where otel-ebpf could not see it (a closed-on-exec
+ * socket, one past SWEPT_FDS in a close_range) may have left behind. */
 static __always_inline void on_open(long ret)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (ret < 0 || !processes.lookup(&tgid))
 		return;
 	struct connection_key conn = {.tgid = tgid, .fd = ret};
-	sockets.delete(&conn);
+	forget_socket(&conn);
 }
 
 /* The thread is gone (or exec'd): its request and syscall in progress with it. */
 static __always_inline void forget_thread(__u64 id)
 {
-	thread_requests.delete(&id);
+	stop_serving(&id);
 	pending_io.delete(&id);
 	tls_calls.delete(&id);
 }
@@ -457,18 +547,15 @@ static __always_inline void inherit_request(__u32 tgid, __u32 child_tid)
 		return;
 	struct request_context copy = *serving;
 	__u64 child = (__u64)tgid << 32 | child_tid;
-	thread_requests.update(&child, &copy);
+	serve_request(&child, &copy);
 }
 
-/* A descriptor closes: the request on it ends, for user space's sake, and the socket is forgotten. */
-static __always_inline void on_close(int fd)
+/* Descriptor `fd` of process `tgid` closes: the request on it ends, for user space's sake, and the socket is
+ * forgotten. */
+static __always_inline void close_connection(__u32 tgid, __u32 fd)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tgid = id >> 32;
-	if (!processes.lookup(&tgid))
-		return;
 	struct connection_key conn = {.tgid = tgid, .fd = fd};
-	sockets.delete(&conn);
+	forget_socket(&conn);
 	struct request_context *request = requests.lookup(&conn);
 	if (!request)
 		return;
@@ -476,6 +563,69 @@ static __always_inline void on_close(int fd)
 	send_response_notice(request, &none, 0, 1, bpf_ktime_get_ns());
 	struct request_context *serving = thread_requests.lookup(&request->thread);
 	if (serving && serving->span_id == request->span_id)
-		thread_requests.delete(&request->thread);
-	requests.delete(&conn);
+		stop_serving(&request->thread);
+	forget_request(&conn);
+}
+
+static __always_inline void on_close(int fd)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (processes.lookup(&tgid))
+		close_connection(tgid, fd);
+}
+
+/* Descriptors [first, last] of process `tgid` close at once: its sockets among them below SWEPT_FDS are
+ * forgotten, and user space ends the requests on them. The loop body has one branch, for the verifier's sake
+ * (its states grow with iterations times branches): a delete's result (0, or -ENOENT: -2) is counted as
+ * (result + 2) / 2. */
+static __always_inline void close_connections(__u32 tgid, __u32 first, __u32 last)
+{
+	__u32 *limit = socket_fd_limits.lookup(&tgid);
+	if (!limit || first >= *limit)
+		return;
+	__u32 end = last < *limit ? last + 1 : *limit;
+	__u64 sockets_removed = 0, requests_removed = 0;
+	for (__u32 fd = first, n = 0; n < SWEPT_FDS; fd++, n++) {
+		if (fd >= end)
+			break;
+		struct connection_key conn = {.tgid = tgid, .fd = fd};
+		sockets_removed += (__u64)(sockets.delete(&conn) + 2) >> 1;
+		requests_removed += (__u64)(requests.delete(&conn) + 2) >> 1;
+	}
+	__u32 slot = COUNTER_SOCKETS_REMOVED;
+	__u64 *n = counters.lookup(&slot);
+	if (n)
+		*n += sockets_removed;
+	slot = COUNTER_REQUESTS_REMOVED;
+	n = counters.lookup(&slot);
+	if (n)
+		*n += requests_removed;
+	struct bpf_pidns_info ns = {};
+	visible_ids(&ns);
+	struct fds_closed_notice *event = notices.ringbuf_reserve(sizeof(struct fds_closed_notice));
+	if (!event) {
+		count(COUNTER_NOTICES_LOST);
+		return;
+	}
+	event->header.kind = NOTICE_FDS_CLOSED;
+	event->header.length = sizeof(*event);
+	event->pid = ns.tgid;
+	event->first = first;
+	event->last = last;
+	event->end_ns = bpf_ktime_get_ns();
+	notices.ringbuf_submit(event, 0);
+}
+
+static __always_inline void on_close_range(__u32 first, __u32 last, __u32 flags)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!(flags & CLOSE_RANGE_CLOEXEC_FLAG) && processes.lookup(&tgid))
+		close_connections(tgid, first, last);
+}
+
+/* A watched process exits: its sockets close without a close call. */
+static __always_inline void close_all_connections(__u32 tgid)
+{
+	close_connections(tgid, 0, 0xffffffff);
+	socket_fd_limits.delete(&tgid);
 }

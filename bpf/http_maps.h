@@ -30,21 +30,46 @@ struct connection_key {
 	__u32 fd;
 };
 
-/* The accepted sockets of watched processes, with their peer's address: only their reads can begin a
- * request. Set at accept's exit, copied by dup, removed at close (and when open reuses the number). LRU: a
- * descriptor closed behind our back (close_range, exec) cannot stay forever. */
+/* One end of a TCP connection. */
+struct endpoint {
+	__u8 addr[16];           /* AF_INET: the first 4 bytes */
+	__u16 port;              /* host byte order */
+	__u16 pad;
+};
+
+/* The accepted sockets of watched processes, with both ends' addresses: only their reads can begin a
+ * request. Set at accept's exit, copied by dup, removed at close and close_range, when open or socket reuses
+ * the number, and at the process's exit. LRU: a descriptor closed where otel-ebpf cannot see it (past
+ * SWEPT_FDS at an exit) cannot stay forever; what the LRU pushes out is counted (COUNTER_SOCKETS_*). */
 struct socket_info {
 	__u32 process_seq;       /* of the process that accepted it: its forks may serve it too */
-	__u16 family;            /* the peer's: AF_INET, AF_INET6, or 0 when accept was not given a sockaddr */
-	__u16 port;              /* host byte order */
-	__u8 addr[16];
+	__u16 family;            /* AF_INET, AF_INET6, or 0 when accept was not given a sockaddr */
+	__u16 pad;
+	struct endpoint peer;
+	struct endpoint local;   /* port 0: not known */
 };
 BPF_TABLE("lru_hash", struct connection_key, struct socket_info, sockets, MAX_THREADS);
 
-/* The request in flight per connection. */
+/* One past the highest descriptor number of a socket in `sockets`, per watched process (tgid): what its exit
+ * sweeps. */
+BPF_HASH(socket_fd_limits, __u32, __u32, MAX_PROCESSES);
+
+/* The local end of every TCP connection the kernel established passively, keyed by the peer's end (struct
+ * endpoint_key), from the inet_sock_set_state tracepoint: it fires in softirq, before any process has the
+ * connection, so accept picks its socket's local address up here by the peer address it returns. LRU: most
+ * connections are other processes'. */
+struct endpoint_key {
+	__u16 family;
+	__u16 pad;
+	struct endpoint peer;
+};
+BPF_TABLE("lru_hash", struct endpoint_key, struct endpoint, passive_opens, MAX_THREADS);
+
+/* The request in flight per connection. LRU, pushing out is counted (COUNTER_REQUESTS_*). */
 BPF_TABLE("lru_hash", struct connection_key, struct request_context, requests, MAX_THREADS);
 
-/* The request each thread is serving, by pid_tgid: probed calls starting there become its children. */
+/* The request each thread is serving, by pid_tgid: probed calls starting there become its children. LRU,
+ * pushing out is counted (COUNTER_THREAD_REQUESTS_*). */
 BPF_TABLE("lru_hash", __u64, struct request_context, thread_requests, MAX_THREADS);
 
 /* An OpenSSL call (SSL_read, SSL_write and their _ex variants) in progress on a thread of a followed process:

@@ -75,7 +75,17 @@ TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { on_dup(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_openat) { on_open(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_socket) { on_open(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_close) { on_close(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_close_range) { on_close_range(args->fd, args->max_fd, args->flags); return 0; }
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	if (args->protocol == IPPROTO_TCP_NUMBER && args->oldstate == TCP_SYN_RECV_STATE &&
+	    args->newstate == TCP_ESTABLISHED_STATE)
+		on_passive_open(args->family, args->sport, args->dport, args->saddr, args->daddr, args->saddr_v6,
+				args->daddr_v6);
+	return 0;
+}
 TRACEPOINT_PROBE(syscalls, sys_enter_epoll_wait) { on_wait(); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait) { on_wait(); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait2) { on_wait(); return 0; }

@@ -223,6 +223,9 @@ static __always_inline void on_task_exit(void)
 	struct process_info *info = processes.lookup(&key.tgid);
 	if (!info)
 		return;
+#ifdef HTTP_TRACING
+	close_all_connections(key.tgid);
+#endif
 	__u32 zero = 0;
 	struct process_notice *notice = notice_scratch.lookup(&zero);
 	if (notice && !(info->flags & PROCESS_ANNOUNCE))

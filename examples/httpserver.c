@@ -1,11 +1,13 @@
 /* A small HTTP/1.1 server for tracing HTTP requests: one thread per connection
  * (so requests run on different threads), keep-alive, Content-Length bodies.
  *
- *   httpserver PORT [MAX_REQUESTS]
+ *   httpserver PORT [MAX_REQUESTS [msg]]
  *
  * Listens on 127.0.0.1:PORT (0: a free port, printed). With MAX_REQUESTS > 0 it
  * stops accepting after that many responses, waits for its connections to be
- * closed (idle ones time out after IDLE_TIMEOUT_S) and exits 0.
+ * closed (idle ones time out after IDLE_TIMEOUT_S) and exits 0. With `msg` it
+ * accepts without asking for the peer's address (then asks getpeername) and
+ * reads with recvmsg instead of read, as some servers do.
  *
  * Routes (GET only, any other method gets 405; a malformed request 400):
  *   /work?n=K   0 <= K <= 20: handle_request -> parse_query, compute -> fib..., render
@@ -46,6 +48,7 @@
 static int listen_fd;
 static long max_requests;
 static long served;
+static int use_msg;
 static int connections;
 static pthread_mutex_t connections_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t connections_closed = PTHREAD_COND_INITIALIZER;
@@ -242,11 +245,21 @@ static int route(struct request *req, char *body, size_t size)
     return 404;
 }
 
+/* read(), or with `msg` recvmsg() into one iovec. */
+static ssize_t receive(int fd, char *buf, size_t size)
+{
+    if (!use_msg)
+        return read(fd, buf, size);
+    struct iovec iov = { .iov_base = buf, .iov_len = size };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+    return recvmsg(fd, &msg, 0);
+}
+
 /* Reads and drops a request body; 0 when the connection ended first. */
 static int discard(int fd, char *buf, size_t size, long length)
 {
     while (length > 0) {
-        ssize_t n = read(fd, buf, (size_t)length < size ? (size_t)length : size);
+        ssize_t n = receive(fd, buf, (size_t)length < size ? (size_t)length : size);
         if (n <= 0)
             return 0;
         length -= n;
@@ -266,7 +279,7 @@ static void serve(int fd)
         while (!(head = head_length(buf, len))) {
             if (len == HEAD_MAX)
                 return;
-            ssize_t n = read(fd, buf + len, HEAD_MAX - len);
+            ssize_t n = receive(fd, buf + len, HEAD_MAX - len);
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0)
@@ -334,8 +347,9 @@ int main(int argc, char **argv)
 {
     long port = argc > 1 ? parse_number(argv[1], 65535) : -1;
     max_requests = argc > 2 ? parse_number(argv[2], 1000000000) : 0;
-    if (argc > 3 || port < 0 || max_requests < 0) {
-        fprintf(stderr, "usage: %s PORT [MAX_REQUESTS]\n", argv[0]);
+    use_msg = argc > 3 && !strcmp(argv[3], "msg");
+    if (argc > 4 || (argc > 3 && !use_msg) || port < 0 || max_requests < 0) {
+        fprintf(stderr, "usage: %s PORT [MAX_REQUESTS [msg]]\n", argv[0]);
         return 2;
     }
     /* Line buffered even when piped, so each line is written whole. */
@@ -363,11 +377,16 @@ int main(int argc, char **argv)
     for (;;) {
         struct sockaddr_storage peer;
         socklen_t peer_length = sizeof peer;
-        int fd = accept4(listen_fd, (struct sockaddr *)&peer, &peer_length, SOCK_CLOEXEC);
+        int fd = use_msg ? accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC)
+                         : accept4(listen_fd, (struct sockaddr *)&peer, &peer_length, SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
             break;    /* shut down after MAX_REQUESTS */
+        }
+        if (use_msg && getpeername(fd, (struct sockaddr *)&peer, &peer_length)) {
+            close(fd);
+            continue;
         }
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &idle, sizeof idle);
         pthread_t thread;

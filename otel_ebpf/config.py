@@ -522,7 +522,8 @@ _VARS = (
     _Var("max_depth", (OTEL_EBPF_MAX_DEPTH,), "32",
          "Nested probed calls tracked per thread (1-128); deeper ones get no span."),
     _Var("max_threads", (OTEL_EBPF_MAX_THREADS,), "16384",
-         "Threads with probed calls in flight tracked at once (64-1048576)."),
+         "Threads with probed calls in flight tracked at once (64-1048576); as many connections and requests "
+         "for HTTP, beyond which the oldest are forgotten (counted: otel_ebpf.http.evicted)."),
     _Var("ring_buffer_size", (OTEL_EBPF_RING_BUFFER_SIZE,), "8M",
          "Kernel-to-user ring buffer, bytes (K/M suffix), a power of two >= 4096.", _byte_size),
     _Var("min_duration_ns", (OTEL_EBPF_MIN_DURATION,), "0",

@@ -6,7 +6,9 @@ a trace id of its own and makes the calls that serve the request its children; h
 are parsed, a caller's traceparent replaces that trace id (and becomes the SERVER span's parent) for every span
 of the request, the spans of requests the sampler drops are dropped, and those of a "request" that is not HTTP
 after all lose their parent. The SERVER span ends at the write that completes its response (http1.ResponseFraming),
-else at the connection's next request or its close. Notices are read before the spans they explain
+else at the connection's next request or its close. Requests pipelined behind it in the same reads are only seen
+here: each gets a SERVER span of its own once the one before it was answered, and the calls that the kernel put in
+the first request's trace after that answer move to it (_Splits). Notices are read before the spans they explain
 (session.py), so a request is always known before the calls that serve it. All of it works on whole arrays of
 spans: a batch with no such span costs one comparison.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +48,8 @@ class _Request:
     keep: bool
     framing: http1.ResponseFraming | None = None
     last_write_ns: int = 0
+    pipelined: _Request | None = None  # the next request read with this one, answered after it
+    kernel_trace: bytes = b""  # the trace id the kernel gave its calls: its own, or the first pipelined one's
 
 
 class _Rewrites:
@@ -94,6 +99,52 @@ class _Rewrites:
         return ~(matched & drop[at]), matched
 
 
+class _Splits:
+    """The calls of pipelined requests: the kernel puts them in the trace of the request read first, under its
+    SERVER span; those that start once its response is complete belong to the next request (and after that
+    one's, to the next). Few: one entry per pipelined request, by the kernel's trace id."""
+
+    def __init__(self, capacity: int):
+        # kernel trace id -> [(since_ns, kernel span id, new trace id or None to drop, new parent span id)], by since
+        self._by_trace: collections.OrderedDict[bytes, list] = collections.OrderedDict()
+        self._capacity = capacity
+        self._lows = None
+
+    def __bool__(self) -> bool:
+        return bool(self._by_trace)
+
+    def add(self, trace_id: bytes, since_ns: int, span_id: bytes, new_trace_id: bytes | None,
+            new_span_id: bytes) -> None:
+        self._by_trace.setdefault(trace_id, []).append(
+            (since_ns, np.frombuffer(span_id, np.uint64)[0], new_trace_id, np.frombuffer(new_span_id, np.uint64)[0]))
+        self._by_trace.move_to_end(trace_id)
+        while len(self._by_trace) > self._capacity:
+            self._by_trace.popitem(last=False)
+        self._lows = None
+
+    def apply(self, records: np.ndarray, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Moves the spans in place; returns which spans to keep, and which moved or were dropped."""
+        if self._lows is None:
+            self._lows = np.frombuffer(b"".join(self._by_trace), np.uint64)[1::2].copy()
+        keep, matched = np.ones(len(words), bool), np.zeros(len(words), bool)
+        starts = records["start_ns"]
+        for row in np.flatnonzero(np.isin(words[:, _TRACE_LOW + 1], self._lows)):
+            segments = self._by_trace.get(words[row, _TRACE_LOW:_TRACE_LOW + 2].tobytes(), ())
+            start = int(starts[row])
+            later = [segment for segment in segments if segment[0] <= start]
+            if not later:
+                continue  # the first request's own
+            _, span_id, new_trace_id, new_span_id = later[-1]
+            matched[row] = True
+            if new_trace_id is None:
+                keep[row] = False
+                continue
+            words[row, _TRACE_LOW:_TRACE_LOW + 2] = np.frombuffer(new_trace_id, np.uint64)
+            if words[row, _PARENT] == span_id:
+                words[row, _PARENT] = new_span_id
+        return keep, matched
+
+
 class Correlator:
     """Turns drained notices and spans into what the export pipeline takes: SpanChunks with their processes'
     resources, and SERVER spans for finished requests."""
@@ -104,9 +155,11 @@ class Correlator:
         self._sample_root = sample_root
         self._parent_based = parent_based
         self._binaries = binaries  # probe id -> binary, the executable of a process nothing else names
-        self._requests: collections.OrderedDict[bytes, _Request] = collections.OrderedDict()  # by SERVER span id
-        self._connections: dict[tuple[int, int], bytes] = {}  # (pid, fd) -> its request's SERVER span id
+        # By the SERVER span id the kernel made (which a pipelined request answered later inherits).
+        self._requests: collections.OrderedDict[bytes, _Request] = collections.OrderedDict()
+        self._connections: dict[tuple[int, int], bytes] = {}  # (pid, fd) -> the key of its request
         self._rewrites = _Rewrites(MAX_TRACKED)
+        self._splits = _Splits(MAX_TRACKED)
         # Processes whose TRACEPARENT only user space knows (found without their exec seen): by process key.
         self._user_parents: dict[int, SpanContext] = {}
 
@@ -122,14 +175,22 @@ class Correlator:
                 out.extend(self._read(notice))
             elif isinstance(notice, layout.HttpResponseNotice):
                 out.extend(self._written(notice))
+            elif isinstance(notice, layout.FdsClosedNotice):
+                closed = [key for (pid, fd), key in self._connections.items()
+                          if pid == notice.pid and notice.first <= fd <= notice.last]
+                for key in closed:
+                    out.extend(self._finish(key, notice.end_ns))
         return out
 
     def spans(self, records: np.ndarray) -> SpanChunk:
         """The drained records as a chunk to export: moved into their traces, the unsampled ones left out."""
         words = layout.words(records)
         keep = matched = None
+        if self._splits and len(records):
+            keep, matched = self._splits.apply(records, words)
         if self._rewrites and len(records):
-            keep, matched = self._rewrites.apply(words)
+            kept, rewritten = self._rewrites.apply(words)
+            keep, matched = (kept, rewritten) if keep is None else (keep & kept, matched | rewritten)
         for key, parent in self._user_parents.items():
             keep = self._adopt(records, words, key, parent, matched, keep)
         if keep is not None and not keep.all():
@@ -164,7 +225,9 @@ class Correlator:
         to its header section."""
         if notice.read:
             tracked = self._requests.get(notice.span_id)
-            if tracked is not None and tracked.data is not None:
+            while tracked is not None and tracked.data is None:
+                tracked = tracked.pipelined  # the rest of a request pipelined behind it
+            if tracked is not None:
                 tracked.data += notice.data
                 self._decide(tracked)
             return []
@@ -173,7 +236,7 @@ class Correlator:
         previous = self._connections.pop(connection, None)
         if previous is not None:
             out.extend(self._finish(previous, None))
-        tracked = _Request(notice, notice.data, None, None, False)
+        tracked = _Request(notice, notice.data, None, None, False, kernel_trace=notice.trace_id)
         self._requests[notice.span_id] = tracked
         self._connections[connection] = notice.span_id
         while len(self._requests) > MAX_TRACKED:
@@ -200,7 +263,12 @@ class Correlator:
         if request is not None and tracked.framing is None:
             tracked.framing = http1.ResponseFraming(request.method)
         if http1.header_section_complete(tracked.data) or len(tracked.data) >= MAX_HEADER_BYTES:
+            at = http1.next_request_at(tracked.data) if request is not None else None
+            if at is not None:
+                self._pipeline(tracked, tracked.data[at:])
             tracked.data = None
+        if tracked.kernel_trace != notice.trace_id:
+            return  # pipelined: no call is in its own trace, _Splits moves them
         if request is None:
             # Not HTTP after all: no SERVER span, so the calls made meanwhile are roots of their own.
             self._rewrites.add(notice.trace_id, notice.trace_id, notice.span_id)
@@ -209,6 +277,14 @@ class Correlator:
         elif parent is not None:
             self._rewrites.add(notice.trace_id, parent.trace_id)
 
+    def _pipeline(self, tracked: _Request, data: bytes) -> None:
+        """`data` followed `tracked`'s request in its reads: if it is a request, the next one to answer."""
+        if http1.parse_request(data) is None:
+            return
+        notice = tracked.notice._replace(trace_id=os.urandom(16), span_id=os.urandom(8), data=data, read=0)
+        tracked.pipelined = _Request(notice, data, None, None, False, kernel_trace=tracked.kernel_trace)
+        self._decide(tracked.pipelined)
+
     def _written(self, notice: layout.HttpResponseNotice) -> list[ServerSpan]:
         tracked = self._requests.get(notice.span_id)
         if tracked is None:
@@ -216,9 +292,19 @@ class Correlator:
         if notice.closed:
             return self._finish(notice.span_id, notice.end_ns)
         tracked.last_write_ns = notice.end_ns
-        if tracked.framing is not None and tracked.framing.write(notice.written, notice.data, notice.tail):
-            return self._finish(notice.span_id, notice.end_ns)
-        return []
+        if tracked.framing is None or not tracked.framing.write(notice.written, notice.data, notice.tail):
+            return []
+        out = self._finish(notice.span_id, notice.end_ns)
+        following = tracked.pipelined
+        if following is not None:
+            # Answered next; the kernel knows nothing of it, so its calls come in under the first one's ids.
+            self._requests[notice.span_id] = following
+            self._connections[(notice.pid, notice.fd)] = notice.span_id
+            parent = following.parent
+            self._splits.add(tracked.kernel_trace, notice.end_ns, notice.span_id,
+                             (parent.trace_id if parent else following.notice.trace_id) if following.keep else None,
+                             following.notice.span_id)
+        return out
 
     def _finish(self, span_id: bytes, end_ns: int | None) -> list[ServerSpan]:
         """The request ends: at end_ns, or (None: its connection's next request came) at its last write."""
@@ -235,7 +321,7 @@ class Correlator:
     def _server_span(self, tracked: _Request, end_ns: int) -> ServerSpan:
         request, notice = tracked.request, tracked.notice
         status = tracked.framing.status if tracked.framing else None
-        attributes = http1.server_span_attributes(request, status, None, notice.peer)
+        attributes = http1.server_span_attributes(request, status, notice.local, notice.peer)
         key = int(process_key(notice.pid, notice.process_seq))
         parent = tracked.parent
         return ServerSpan(key, self.registry.resource(key), notice.tid, parent.trace_id if parent else notice.trace_id,

@@ -70,6 +70,10 @@ COUNTERS = {
     "otel_ebpf.calls.unrecorded": CounterInfo(
         "{call}", "Finished calls of probed functions that the kernel could not turn into spans.",
     ),
+    "otel_ebpf.http.evicted": CounterInfo(
+        "{entry}", "Connections, requests and threads' requests the kernel forgot to make room (OTEL_EBPF_MAX_THREADS "
+        "entries each): requests on them go untraced, or unparented.",
+    ),
     "otel_ebpf.call_stacks": CounterInfo(
         "{thread}", "Threads and goroutines with a call stack in the kernel; follows the live ones unless state leaks.",
         monotonic=False,

@@ -12,7 +12,8 @@ from typing import Callable, TextIO
 
 from otel_ebpf.clock import WallClock
 from otel_ebpf.command import Command
-from otel_ebpf.config import OTEL_EBPF_RETRY_QUEUE_SIZE, OTEL_EBPF_SHUTDOWN_TIMEOUT, OTEL_EBPF_SPOOL_SIZE, Settings
+from otel_ebpf.config import (OTEL_EBPF_MAX_THREADS, OTEL_EBPF_RETRY_QUEUE_SIZE, OTEL_EBPF_SHUTDOWN_TIMEOUT,
+                              OTEL_EBPF_SPOOL_SIZE, Settings)
 from otel_ebpf.console import ConsoleFormat
 from otel_ebpf.correlation import Correlator
 from otel_ebpf.errors import UserError
@@ -226,7 +227,11 @@ class Session:
                 counts, total, _ = self.program.latency(probe_id)
                 latencies.append(FunctionLatency(probe.symbol.demangled, probe.shown_as or probe.binary,
                                                  tuple(counts), total))
-            counters = _loss_counters(self.processor.stats, self.program.counters())
+            kernel = self.program.counters()
+            counters = _loss_counters(self.processor.stats, kernel)
+            evicted = self.program.evicted(kernel)
+            if evicted:
+                counters["otel_ebpf.http.evicted"] = {f"{name}_map_full": n for name, n in evicted.items()}
             counters["otel_ebpf.call_stacks"] = {"": self.program.call_stacks()}
             return latencies, counters
 
@@ -348,6 +353,9 @@ class Session:
             line += f"; {kernel['unmatched_return']} returns without a recorded entry"
         if kernel["notices_lost"]:
             line += f"; {kernel['notices_lost']} HTTP or process events lost to a full ring buffer"
+        evicted = [f"{n} {name.replace('_', ' ')}" for name, n in self.program.evicted(kernel).items() if n]
+        if evicted:
+            line += f"; the kernel forgot {', '.join(evicted)} to make room (raise {OTEL_EBPF_MAX_THREADS})"
         if stats["spooled"]:
             line += f"; {stats['spooled']} spans kept in {settings.spool_dir} for the next run"
         if still_followed:

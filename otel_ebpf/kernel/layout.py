@@ -52,16 +52,22 @@ NOTICE_PROCESS = 1
 NOTICE_PROCESS_EXIT = 2
 NOTICE_HTTP_REQUEST = 3
 NOTICE_HTTP_RESPONSE = 4
+NOTICE_FDS_CLOSED = 5
 # process_info.flags (bpf/maps.h): written by user space when it registers a process itself.
 PROCESS_HAS_PARENT = 1
 PROCESS_PARENT_SAMPLED = 2
 PROCESS_AWAIT_EXEC = 8
 
 # enum counter, by slot: the names metrics and the summary use.
-COUNTERS = ("spans_lost", "depth_exceeded", "unmatched_return", "notices_lost", "wakeups")
+COUNTERS = ("spans_lost", "depth_exceeded", "unmatched_return", "notices_lost", "wakeups",
+            "sockets_added", "sockets_removed", "requests_added", "requests_removed",
+            "thread_requests_added", "thread_requests_removed")
 # The C names of the same slots, for the layout checks.
 COUNTER_ENUM = ("COUNTER_SPANS_LOST", "COUNTER_DEPTH_EXCEEDED", "COUNTER_UNMATCHED_RETURN", "COUNTER_NOTICES_LOST",
-                "COUNTER_WAKEUPS")
+                "COUNTER_WAKEUPS", "COUNTER_SOCKETS_ADDED", "COUNTER_SOCKETS_REMOVED", "COUNTER_REQUESTS_ADDED",
+                "COUNTER_REQUESTS_REMOVED", "COUNTER_THREAD_REQUESTS_ADDED", "COUNTER_THREAD_REQUESTS_REMOVED")
+# The LRU maps whose entries are counted in and out (counters NAME_added and NAME_removed).
+COUNTED_MAPS = ("sockets", "requests", "thread_requests")
 
 # Every constant above with its C name, for tests/unit/test_event_layout.py.
 CONSTANTS = {name: value for name, value in globals().items() if name.isupper() and isinstance(value, int)}
@@ -138,15 +144,20 @@ PROCESS = NoticeType(NOTICE_PROCESS, "process", _HEADER + (
 ) + _IDENTITY)
 HTTP_REQUEST = NoticeType(NOTICE_HTTP_REQUEST, "http_request", _HEADER + (
     ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("start_ns", "Q"), ("trace_id", "16s"),
-    ("span_id", "8s"), ("sampled", "I"), ("length", "I"), ("read", "H"), ("flags", "H"), ("peer_family", "H"), ("peer_port", "H"),
-    ("peer_addr", "16s"), ("data", f"{HTTP_REQUEST_CAPTURE}s"),
+    ("span_id", "8s"), ("sampled", "I"), ("length", "I"), ("read", "H"), ("flags", "H"), ("family", "H"),
+    ("peer_port", "H"),
+    ("peer_addr", "16s"), ("local_port", "H"), ("pad", "6s"), ("local_addr", "16s"),
+    ("data", f"{HTTP_REQUEST_CAPTURE}s"),
 ))
 HTTP_RESPONSE = NoticeType(NOTICE_HTTP_RESPONSE, "http_response", _HEADER + (
     ("fd", "I"), ("pid", "I"), ("tid", "I"), ("length", "I"), ("end_ns", "Q"), ("span_id", "8s"), ("written", "Q"),
     ("write", "I"), ("closed", "H"), ("tail_length", "H"), ("tail", f"{HTTP_RESPONSE_TAIL}s"),
     ("data", f"{HTTP_RESPONSE_CAPTURE}s"),
 ))
-NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE)
+FDS_CLOSED = NoticeType(NOTICE_FDS_CLOSED, "fds_closed", _HEADER + (
+    ("pid", "I"), ("first", "I"), ("last", "Q"), ("end_ns", "Q"),
+))
+NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED)
 # An exit notice is a process notice that ends before its identity.
 PROCESS_HEAD_SIZE = PROCESS.offsets()["identity.flags"][0]
 
@@ -185,6 +196,16 @@ class HttpRequestNotice(NamedTuple):
     read: int = 0  # 0: the read that began the request; then later reads of its header section
     peer: tuple[str, int] | None = None  # as accept returned it
     tls: bool = False  # read in plaintext from SSL_read: HTTPS
+    local: tuple[str, int] | None = None  # the server's end of the connection
+
+
+class FdsClosedNotice(NamedTuple):
+    """Descriptors first..last of a process closed at once (close_range, or its exit)."""
+
+    pid: int
+    first: int
+    last: int
+    end_ns: int
 
 
 class HttpResponseNotice(NamedTuple):
@@ -204,6 +225,7 @@ _PROCESS_HEAD = struct.Struct("<IIIIIIII")
 _IDENTITY_HEAD = struct.Struct("<IHHHHI16s8s")
 _REQUEST = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_REQUEST.fields))
 _RESPONSE = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_RESPONSE.fields))
+_FDS_CLOSED = FDS_CLOSED.struct
 
 
 def _identity(record: memoryview) -> Identity:
@@ -220,7 +242,10 @@ def _identity(record: memoryview) -> Identity:
 
 
 def peer_address(family: int, port: int, addr: bytes) -> tuple[str, int] | None:
-    """A peer's address as the kernel copied it from accept's sockaddr; None when it is not an IP peer."""
+    """An address as the kernel copied it from a sockaddr or the TCP stack; None when it is not an IP one, or
+    its port is 0 (not known)."""
+    if not port:
+        return None
     if family == socket.AF_INET:
         return socket.inet_ntop(socket.AF_INET, addr[:4]), port
     if family == socket.AF_INET6:
@@ -243,9 +268,10 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
         return ProcessNotice(kind, pid, seq, parent_pid, parent_seq, cause, identity)
     if kind == NOTICE_HTTP_REQUEST:
         (_, _, fd, pid, tid, seq, start, trace_id, span_id, sampled, length, read, flags, family, port, addr,
-         data) = _REQUEST.unpack_from(record)
+         local_port, _, local_addr, data) = _REQUEST.unpack_from(record)
         return HttpRequestNotice(fd, pid, tid, seq, start, trace_id, span_id, sampled, data[:length], read,
-                                 peer_address(family, port, addr), bool(flags & HTTP_TLS))
+                                 peer_address(family, port, addr), bool(flags & HTTP_TLS),
+                                 peer_address(family, local_port, local_addr))
     if kind == NOTICE_HTTP_RESPONSE:
         if len(record) < _RESPONSE.size:  # a write without its first bytes: the record ends before them
             record = bytes(record) + bytes(_RESPONSE.size - len(record))
@@ -253,6 +279,8 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
          data) = _RESPONSE.unpack_from(record)
         return HttpResponseNotice(fd, pid, tid, end, span_id, data[:length], written, write, bool(closed),
                                   tail[:tail_length])
+    if kind == NOTICE_FDS_CLOSED:
+        return FdsClosedNotice(*_FDS_CLOSED.unpack_from(record)[2:])
     return None
 
 

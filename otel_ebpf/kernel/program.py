@@ -113,7 +113,8 @@ class Program:
         self.tunables = tunables
         multi_links = attach_mode == "multi"
         flags = cflags(tunables)
-        maps = loader.MAPS + (loader.PIDNS_MAPS if any(f.startswith("-DPIDNS_INO") for f in flags) else ())
+        maps = (loader.MAPS + (loader.PIDNS_MAPS if any(f.startswith("-DPIDNS_INO") for f in flags) else ())
+                + (layout.COUNTED_MAPS if tunables.http else ()))
         fds, self._tracepoint_fds = _run_loader({"source": source(), "cflags": flags, "multi": multi_links,
                                                 "maps": maps})
         self.maps = dict(zip(maps, fds))
@@ -164,6 +165,13 @@ class Program:
             total += slots[layout.LATENCY_BUCKETS]
             longest = max(longest, slots[layout.LATENCY_BUCKETS + 1])
         return buckets, total, longest
+
+    def evicted(self, counters: dict[str, int]) -> dict[str, int]:
+        """Entries of the counted LRU maps (layout.COUNTED_MAPS) pushed out to make room, from `counters`: what
+        went in, less what was taken out and what is still there. Empty without HTTP tracing."""
+        return {name: max(0, counters[f"{name}_added"] - counters[f"{name}_removed"]
+                          - bpf.count_keys(self.maps[name], 8))
+                for name in layout.COUNTED_MAPS if name in self.maps}
 
     def call_stacks(self) -> int:
         """Threads and goroutines the kernel keeps a call stack for: should follow the live ones."""

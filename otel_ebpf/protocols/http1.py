@@ -119,6 +119,23 @@ def header_section_complete(data: bytes) -> bool:
     return _EMPTY_LINE.search(data.lstrip(b"\r\n")) is not None
 
 
+_REQUEST_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
+_REQUEST_CHUNKED = re.compile(rb"\ntransfer-encoding:[^\n]*chunked", re.IGNORECASE)
+
+
+def next_request_at(data: bytes) -> int | None:
+    """Where a pipelined request after the first in `data` begins (RFC 9112 section 9.3.2): past the first's
+    header section and its Content-Length body. None when nothing follows in `data`, or where the first ends is
+    not known (a chunked body, or a header section not seen whole)."""
+    start = len(data) - len(data.lstrip(b"\r\n"))
+    end = _EMPTY_LINE.search(data, start)
+    if end is None or _REQUEST_CHUNKED.search(data, start, end.start() + 1):
+        return None
+    length = _REQUEST_CONTENT_LENGTH.search(data, start, end.start() + 2)
+    at = end.end() + (int(length.group(1)) if length else 0)
+    return at if at < len(data) else None
+
+
 def _request(method: str, target: str, version: str | None, headers: dict[str, str]) -> Request:
     """Splits the request-target (RFC 9112 section 3.2) into the pieces a span reports."""
     authority, scheme = headers.get("host"), None
@@ -267,6 +284,8 @@ def server_span_attributes(req: Request, status: int | None, local: Address | No
             attrs["server.port"] = server[1]
     if peer is not None:
         attrs["network.peer.address"], attrs["network.peer.port"] = peer
+    if local is not None:
+        attrs["network.local.address"], attrs["network.local.port"] = local
     client = _client_address(req, forwarded) or (peer and peer[0])
     if client:
         attrs["client.address"] = client

@@ -40,10 +40,12 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
 
 class Nginx:
     """nginx with two workers in `directory`: a static file (and big.bin of `big_file` bytes), a 503, static
-    files sent with sendfile (with `tls`, HTTPS: written with SSL_write), and an access log that says which worker (pid) served which request (its
-    traceparent), as the ground truth."""
+    files sent with sendfile (with `tls`, HTTPS: written with SSL_write), and an access log that says which worker
+    (pid) served which request (its traceparent), as the ground truth. `connections`: how many each worker may
+    have open (beyond, nginx closes idle keep-alive ones)."""
 
-    def __init__(self, directory: Path, workers: int = 2, big_file: int = 0, tls: bool = False):
+    def __init__(self, directory: Path, workers: int = 2, big_file: int = 0, tls: bool = False,
+                 connections: int = 64):
         self.directory, self.port = directory, free_port()
         (directory / "html").mkdir(parents=True, exist_ok=True)
         listen = f"127.0.0.1:{self.port} reuseport"
@@ -62,7 +64,7 @@ user root;  # the workers read files under the test's private temporary director
 worker_processes {workers};
 pid {directory / 'nginx.pid'};
 error_log {directory / 'error.log'};
-events {{ worker_connections 64; }}
+events {{ worker_connections {connections}; }}
 http {{
     log_format served '$pid $http_traceparent $uri';
     access_log {directory / 'access.log'} served;

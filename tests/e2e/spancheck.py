@@ -112,8 +112,8 @@ def check_tree(matched, truth: GroundTruth,
 
 
 def match_requests(received, truth: GroundTruth) -> dict[Request, tuple[dict, object]]:
-    """Pair each SERVER span of the process with the request it overlaps on its thread (a thread serves one
-    connection, one request at a time); returns {request: (resource, span)}. Requests may lack a span.
+    """Pair each SERVER span of the process with the request it overlaps on its thread with the same target (a
+    thread serves one connection, one request at a time, but pipelined requests share their read); returns {request: (resource, span)}. Requests may lack a span.
 
     The span starts when read() returns and ends when write() returns, and the server reads its clock right
     after each: its readings bound the span from above, within the clock's error. Not from below: a write on
@@ -123,8 +123,9 @@ def match_requests(received, truth: GroundTruth) -> dict[Request, tuple[dict, ob
     for resource, span in received:
         if resource.get("process.pid") != truth.pid or span.kind != span.SPAN_KIND_SERVER:
             continue
-        start, end, tid = span.start_time_unix_nano, span.end_time_unix_nano, attributes(span)["thread.id"]
-        overlapping = [r for r in truth.requests if r.tid == tid and start <= r.end and end >= r.start]
+        start, end, attrs = span.start_time_unix_nano, span.end_time_unix_nano, attributes(span)
+        overlapping = [r for r in truth.requests if r.tid == attrs["thread.id"] and start <= r.end and end >= r.start
+                       and (r.path, r.query) == (attrs.get("url.path"), attrs.get("url.query"))]
         assert len(overlapping) == 1, f"SERVER span {span.span_id.hex()} on thread {tid} overlaps {overlapping}"
         request = overlapping[0]
         assert request not in matched, f"{request}: two SERVER spans"

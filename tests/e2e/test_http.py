@@ -2,6 +2,7 @@
 that serve them: checked against the server's and the OTel-SDK client's own ground truth, and the client's own
 CLIENT spans, all received by one real OTLP receiver."""
 
+import re
 import secrets
 import signal
 import socket
@@ -18,8 +19,9 @@ FUNCTIONS = ("handle_request", "parse_query", "compute", "render")
 CLIENT_REQUESTS = 7  # one round of http_client's PLAN
 RAW_USER_AGENT = "otel-ebpf-e2e/1"
 PER_SPAN = ("thread.id", "network.peer.port")  # checked apart from the other attributes
-# The peer as accept returned it: there for every request, however short its connection.
+# The peer as accept (or getpeername) returned it: there for every request, however short its connection.
 FROM_ACCEPT = {"network.peer.address": "127.0.0.1", "client.address": "127.0.0.1"}
+PIPELINED = ("/work?n=7&via=pipelined", "/work?n=3&via=pipelined")
 
 
 def otlp_env(receiver) -> dict[str, str]:
@@ -37,6 +39,17 @@ def client_lines(client: subprocess.Popen) -> list[ClientRequest]:
     out, err = client.communicate(timeout=60)
     assert client.returncode == 0, err
     return parse_client(out)
+
+
+def raw_pipelined(port: int, targets: tuple[str, ...]) -> list[int]:
+    """HTTP/1.1 requests without traceparent sent at once in one write (RFC 9112 section 9.3.2), the last with
+    Connection: close; returns the statuses of the responses, in order."""
+    requests = [f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n" for target in targets]
+    requests[-1] += "Connection: close\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall("".join(request + "\r\n" for request in requests).encode())
+        response = b"".join(iter(lambda: conn.recv(4096), b""))
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", response)]  # no body holds one
 
 
 def raw_get(port: int, target: str) -> tuple[int, int]:
@@ -67,12 +80,13 @@ def server():
 
 
 def expected_attributes(request, port: int) -> dict:
-    """What the bytes on the socket say, as the ground truth knows them; raw_get's requests carry `via=raw`."""
+    """What the bytes on the socket say, as the ground truth knows them; raw_get's requests carry `via=raw`.
+    server.address and .port come from the Host header, or without one (raw_get) from the local address."""
     raw = "via=raw" in (request.query or "")
     expected = {"http.request.method": request.method, "url.path": request.path, "url.scheme": "http",
-                "http.response.status_code": request.status, "network.protocol.version": "1.0" if raw else "1.1"}
-    if not raw:  # from the Host header; raw_get sends none
-        expected.update({"server.address": "127.0.0.1", "server.port": port})
+                "http.response.status_code": request.status, "network.protocol.version": "1.0" if raw else "1.1",
+                "server.address": "127.0.0.1", "server.port": port,
+                "network.local.address": "127.0.0.1", "network.local.port": port}
     if request.query is not None:
         expected["url.query"] = request.query
     if raw:
@@ -81,10 +95,10 @@ def expected_attributes(request, port: int) -> dict:
 
 
 def check_http(received, truth: GroundTruth, clients: list[list[ClientRequest]], port: int, raw_ports: dict[str, int],
-               correlated) -> None:
+               correlated, options: tuple[str, ...] = ()) -> None:
     """Every SERVER span against its request and its client (or raw_get's port, by target); every function
     span under its request's SERVER span. `correlated(request)` says which requests must have a SERVER span."""
-    command_line = f"{HTTPSERVER} 0 {len(truth.requests)}"
+    command_line = " ".join([str(HTTPSERVER), "0", str(len(truth.requests)), *options])
     for resource, span in received:
         if resource.get("process.pid") == truth.pid:
             assert (resource["service.name"], resource["process.command_line"]) == ("httpserver", command_line)
@@ -130,33 +144,45 @@ def check_http(received, truth: GroundTruth, clients: list[list[ClientRequest]],
     threads = [next(iter(c)) for c in connections.values()]
     assert len(set(threads)) == len(connections), "two connections share a thread"
 
+    def owner(call):
+        """The request answered first among those read before the call: pipelined ones share their read."""
+        return min((r for r in truth.requests if r.tid == call.tid and r.start <= call.start <= r.end),
+                   key=lambda r: r.end)
+
     def context(call):
-        (request,) = [r for r in truth.requests if r.tid == call.tid and r.start <= call.start <= r.end]
+        request = owner(call)
         return (servers[request][1].trace_id, servers[request][1].span_id) if request in servers else None
 
     functions = [(r, s) for r, s in received if r.get("process.pid") == truth.pid and s.kind == s.SPAN_KIND_INTERNAL]
     check_tree(match(functions, truth, named(*FUNCTIONS)), truth, context)
     for request, (_, span) in servers.items():
         in_trace = [s for _, s in functions if s.trace_id == span.trace_id]
-        assert len(in_trace) == sum(c.fn in FUNCTIONS for c in truth.calls_during(request)), request
+        assert len(in_trace) == sum(c.fn in FUNCTIONS and owner(c) == request for c in truth.calls_during(request)), \
+            request
         assert all(span.start_time_unix_nano <= s.start_time_unix_nano and s.end_time_unix_nano
                    <= span.end_time_unix_nano for s in in_trace), f"{request}: calls outside (one clock: exact)"
 
 
-def test_requests_join_the_callers_trace(tracer, receiver):
+@pytest.mark.parametrize("options", [(), ("msg",)], ids=["read", "recvmsg"])
+def test_requests_join_the_callers_trace(tracer, receiver, options):
     """Two clients at once, each making keep-alive and fresh-connection requests, a 404, one without traceparent
     and one with tracestate; plus a hand-written HTTP/1.0 request without traceparent whose calls must follow
-    the SERVER span's own trace."""
-    total = 2 * CLIENT_REQUESTS + 1
-    t = tracer(["trace", str(HTTPSERVER), *FUNCTIONS, "--", str(HTTPSERVER), "0", str(total)], **otlp_env(receiver))
+    the SERVER span's own trace, and two requests pipelined in one write. With `msg` the server accepts without
+    the peer's address (getpeername tells it) and reads with recvmsg."""
+    total = 2 * CLIENT_REQUESTS + 1 + len(PIPELINED)
+    t = tracer(["trace", str(HTTPSERVER), *FUNCTIONS, "--", str(HTTPSERVER), "0", str(total), *options],
+               **otlp_env(receiver))
     port = int(t.wait_stdout(r"listening port=(\d+)", timeout=120).group(1))
     started = [start_client(port, receiver) for _ in range(2)]
     status, raw_port = raw_get(port, "/work?n=6&via=raw")
+    assert raw_pipelined(port, PIPELINED) == [200, 200]
     clients = [client_lines(c) for c in started]
     assert t.finish() == 0, t.stderr  # httpserver exits after `total` responses
     truth = parse(t.stdout)
     lines = [line for c in clients for line in c]
     assert status == 200 and len(truth.requests) == total and {r.status for r in truth.requests} == {200, 404}
+    piped = [r for r in truth.requests if r.target in PIPELINED]
+    assert len({r.start for r in piped}) == 1, "the server read both requests at once"
     assert {line.conn for line in lines} == {0, 1, 2, 3} and any(line.tracestate for line in lines)
     assert sum(line.traceparent is None for line in lines) == 2
     functions = sum(c.fn in FUNCTIONS for c in truth.calls)
@@ -165,7 +191,8 @@ def test_requests_join_the_callers_trace(tracer, receiver):
     received = receiver.wait_for_spans(expected)
     assert len(received) == expected
     assert {r.get("process.pid") for r, _ in received if r["service.name"] != "http-client"} == {truth.pid}
-    check_http(received, truth, clients, port, {"/work?n=6&via=raw": raw_port}, correlated=lambda request: True)
+    check_http(received, truth, clients, port, {"/work?n=6&via=raw": raw_port}, correlated=lambda request: True,
+               options=options)
 
 
 @pytest.mark.parametrize("flags", ["01", "00"])

@@ -6,6 +6,7 @@ readings; each request's ngx_http_process_request call is a child of its own SER
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import signal
@@ -58,14 +59,23 @@ class Client:
 
     def send(self, method: str = "GET", path: str = "/", padding: int = 0) -> Exchange:
         """A request with a traceparent of its own; `padding` bytes of another header before it."""
-        exchange = Exchange(method, path, secrets.token_hex(16), secrets.token_hex(8), self.conn.getsockname()[1])
-        pad = f"X-Padding: {'p' * padding}\r\n" if padding else ""
-        request = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n{pad}"
-                   f"traceparent: 00-{exchange.trace_id}-{exchange.span_id}-01\r\n\r\n")
-        exchange.sent_ns = time.time_ns()
-        self.conn.sendall(request.encode())
-        self.exchanges.append(exchange)
-        return exchange
+        return self.pipeline([(method, path)], padding)[0]
+
+    def pipeline(self, requests: list[tuple[str, str]], padding: int = 0) -> list[Exchange]:
+        """(method, path) requests sent in one write, each with a traceparent of its own."""
+        exchanges, data = [], b""
+        for method, path in requests:
+            exchange = Exchange(method, path, secrets.token_hex(16), secrets.token_hex(8), self.conn.getsockname()[1])
+            pad = f"X-Padding: {'p' * padding}\r\n" if padding else ""
+            data += (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n{pad}"
+                     f"traceparent: 00-{exchange.trace_id}-{exchange.span_id}-01\r\n\r\n").encode()
+            exchanges.append(exchange)
+        sent_ns = time.time_ns()
+        self.conn.sendall(data)
+        for exchange in exchanges:
+            exchange.sent_ns = sent_ns
+        self.exchanges += exchanges
+        return exchanges
 
     def _fill(self) -> None:
         data = self.conn.recv(1 << 20)
@@ -156,6 +166,10 @@ def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path,
         big = Client(nginx.port, tls)
         clients.append(big)
         big.ask("GET", "/big.bin")
+        piped = Client(nginx.port, tls)  # pipelined: three requests in one write, answered in order
+        clients.append(piped)
+        for exchange in piped.pipeline([("GET", "/busy"), ("HEAD", "/"), ("GET", "/")]):
+            piped.receive(exchange)
         kept.ask("GET", "/")  # the kept connection, once more
     finally:
         for client in clients:
@@ -163,7 +177,7 @@ def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path,
         nginx.stop()
     assert t.finish() == 0, t.stderr
     exchanges = [e for client in clients for e in client.exchanges]
-    assert [e.status for e in exchanges] == [200, 503, 200, 404, 200, 200, 503, 200, 200]  # by connection
+    assert [e.status for e in exchanges] == [200, 503, 200, 404, 200, 200, 503, 200, 200, 503, 200, 200]  # by connection
     received = receiver.wait_for_spans(2 * len(exchanges), timeout=20)
     servers = [s for _, s in received if s.kind == s.SPAN_KIND_SERVER]
     assert len(servers) == len(exchanges), [(s.name, attributes(s).get("url.path")) for s in servers]
@@ -177,6 +191,7 @@ def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path,
         assert (attrs["http.response.status_code"], attrs["url.path"], attrs["url.scheme"]) == (e.status, e.path,
                                                                                              scheme)
         assert (attrs["network.peer.address"], attrs["network.peer.port"]) == ("127.0.0.1", e.client_port)
+        assert (attrs["network.local.address"], attrs["network.local.port"]) == ("127.0.0.1", nginx.port)
         assert (server.status.code == server.status.STATUS_CODE_ERROR) == (e.status >= 500)
         assert attrs.get("error.type") == (str(e.status) if e.status >= 500 else None)
         # Within the client's own readings: read after it was sent, answered before it was received in full.
@@ -189,16 +204,25 @@ def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path,
     assert len(functions) == len(exchanges)
 
 
-# Python's own server, a thread per connection, keep-alive: "/" answers 200, any other path 503. With
+# Python's own server, a thread per connection, keep-alive: "/" answers 200, "/drop" closes its connection with
+# close_range and answers nothing, "/hang" prints "hanging" and answers nothing, any other path 503. With
 # `--worker-thread` each request starts a thread that calls getpid; with `--tls CERT KEY` HTTPS, for which the ssl
 # module (and with it libssl) is loaded once the program runs, and CPython reads and writes with SSL_read_ex and
 # SSL_write_ex.
 PYTHON_SERVER = """
-import http.server, os, signal, sys, threading
+import http.server, os, signal, sys, threading, time
 signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # the tracer passes its SIGINT on: a clean exit
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path == "/drop":
+            fd = self.connection.detach()  # the socket object lets go of it: closed once, here
+            os.closerange(fd, fd + 1)  # glibc's close_range
+            self.close_connection = True
+            return
+        if self.path == "/hang":
+            print("hanging", flush=True)
+            time.sleep(600)
         if "--worker-thread" in sys.argv:
             worker = threading.Thread(target=os.getpid)  # a thread started while the request is served
             worker.start()
@@ -281,3 +305,57 @@ def test_a_file_that_starts_like_a_request_is_not_one(tracer, receiver, tmp_path
     assert t.finish() == 0, t.stderr
     received = exported_spans(t, receiver)
     assert received and {s.name for _, s in received} == {"read"}
+
+
+def test_requests_end_when_their_descriptors_close_at_once(tracer, receiver):
+    """A request whose connection goes with close_range, and one in flight when its server is killed: each SERVER
+    span ends then (no close() says so), without a status, before its client saw the connection end."""
+    t = tracer(["trace", LIBC, "getpid", "--", "/usr/bin/python3", "-c", PYTHON_SERVER], **traces_to(receiver))
+    port = int(t.wait_stdout(r"^(\d+)$")[1])
+    dropped, hung = Client(port, tls=False), Client(port, tls=False)
+    drop = dropped.send("GET", "/drop")
+    assert dropped.conn.recv(1) == b""
+    drop.received_ns = time.time_ns()
+    hang = hung.send("GET", "/hang")
+    t.wait_stdout(r"^hanging$")
+    killed_ns = time.time_ns()
+    os.kill(command_pid(t), signal.SIGKILL)
+    assert hung.conn.recv(1) == b""
+    hang.received_ns = time.time_ns()
+    assert t.finish() == 128 + signal.SIGKILL, t.stderr
+    received = exported_spans(t, receiver)
+    servers = {s.trace_id.hex(): s for _, s in received if s.kind == s.SPAN_KIND_SERVER}
+    assert len(servers) == 2
+    for e, after_ns in ((drop, drop.sent_ns), (hang, killed_ns)):
+        server = servers[e.trace_id]
+        attrs = attributes(server)
+        assert (attrs["url.path"], server.parent_span_id.hex()) == (e.path, e.span_id)
+        assert "http.response.status_code" not in attrs
+        assert after_ns - CLOCK_SLACK_NS <= server.end_time_unix_nano <= e.received_ns + CLOCK_SLACK_NS, e.path
+
+
+def test_what_the_kernel_cannot_keep_is_counted(tracer, receiver, tmp_path):
+    """With room for 64 connections (OTEL_EBPF_MAX_THREADS=64), 100 kept open at once on nginx's one worker: the
+    kernel forgets at least 36 of them to make room (more: the LRU frees entries in batches), and says so; each
+    request was read right after its accept, so every one still has its SERVER span."""
+    nginx = Nginx(tmp_path / "nginx", workers=1, connections=256)
+    t = tracer(["trace", str(NGINX), NGINX_FUNCTION, "--", *nginx.argv()], OTEL_EBPF_MAX_THREADS="64",
+               **traces_to(receiver))
+    clients = []
+    try:
+        t.wait_ready()
+        wait_for_port(nginx.port)
+        for _ in range(100):
+            clients.append(Client(nginx.port, tls=False))
+            clients[-1].ask("GET", "/")
+    finally:
+        for client in clients:
+            client.close()
+        nginx.stop()
+    assert t.finish() == 0, t.stderr
+    forgotten = re.search(r"the kernel forgot (\d+) sockets(, (\d+) requests)?", t.stderr)
+    assert forgotten, t.stderr
+    assert 36 <= int(forgotten[1]) <= 100 and 36 <= int(forgotten[3] or 0) <= 100, t.stderr
+    received = exported_spans(t, receiver)
+    servers = {s.trace_id.hex() for _, s in received if s.kind == s.SPAN_KIND_SERVER}
+    assert servers == {client.exchanges[0].trace_id for client in clients}

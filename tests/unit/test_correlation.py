@@ -9,7 +9,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from otel_ebpf.clock import WallClock
 from otel_ebpf.config import SamplerSettings
 from otel_ebpf.correlation import MAX_TRACKED, Correlator
-from otel_ebpf.kernel.layout import SPAN_RECORD_DTYPE, SPAN_REMOTE_PARENT, HttpRequestNotice, HttpResponseNotice
+from otel_ebpf.kernel.layout import (SPAN_RECORD_DTYPE, SPAN_REMOTE_PARENT, FdsClosedNotice, HttpRequestNotice,
+                                     HttpResponseNotice)
 from otel_ebpf.otlp.encode import ProbeInfo, SpanEncoder
 from otel_ebpf.processes import ProcessInfo, ProcessRegistry
 
@@ -281,3 +282,35 @@ def test_server_span_addresses_are_the_peer_accept_returned(peer):
 def test_a_request_read_from_ssl_read_is_https(tls, scheme):
     _, (server_span,) = accept(correlator(), request()._replace(tls=tls), response())
     assert server_span.attributes["url.scheme"] == scheme
+
+
+def test_pipelined_requests_get_their_own_spans_and_calls():
+    """Two requests in one read, each with its traceparent: the second's SERVER span begins at that read and ends
+    at its own response; calls the kernel put under the first after its response move to the second."""
+    second_trace, second_parent = "11" * 16, "22" * 8
+    first = request(f"traceparent: {traceparent()}")
+    both = first._replace(data=first.data + (f"GET /b HTTP/1.1\r\ntraceparent: 00-{second_trace}-{second_parent}-01"
+                                             "\r\n\r\n").encode())
+    before, after = span(b"\x01" * 8), span(b"\x02" * 8)
+    nested = span(b"\x03" * 8, parent=b"\x02" * 8)
+    after["start_ns"], nested["start_ns"] = 9_500, 9_600
+    c = correlator()
+    kept, servers = accept(c, both, response(end_ns=9_000), before, after, nested)
+    _, later = accept(c, response(503, end_ns=12_000))
+    (one,), (two,) = servers, later
+    assert (one.trace_id.hex(), one.end_ns, one.attributes["url.path"]) == (CALLER_TRACE, 9_000, "/work")
+    assert (two.trace_id.hex(), two.parent_span_id.hex(), two.attributes["url.path"]) == (second_trace,
+                                                                                         second_parent, "/b")
+    assert (two.start_ns, two.end_ns, two.attributes["http.response.status_code"]) == (1_000, 12_000, 503)
+    assert two.span_id not in (one.span_id, SERVER_SPAN)
+    assert [t.hex() for t in ids(kept, "trace_id")] == [CALLER_TRACE, second_trace, second_trace]
+    assert ids(kept, "parent_span_id") == [SERVER_SPAN, two.span_id, b"\x02" * 8]
+
+
+def test_requests_end_when_their_descriptors_close_at_once():
+    c = correlator()
+    accept(c, request(fd=3), request(fd=9, span_id=b"\x77" * 8, trace_id=b"\x66" * 16))
+    _, servers = accept(c, FdsClosedNotice(PID, 5, 2**32 - 1, 7_000))
+    assert [(s.span_id, s.end_ns) for s in servers] == [(b"\x77" * 8, 7_000)]  # fd 3 is below the range
+    _, servers = accept(c, closed(end_ns=8_000))
+    assert [(s.span_id, s.end_ns) for s in servers] == [(SERVER_SPAN, 8_000)]

@@ -63,10 +63,9 @@ int main(int argc, char **argv) {
 def layout_program(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layout")
     lines = []
-    for member, struct_name in [("span", "span_record"), ("process", "process_notice"),
-                                ("http_request", "http_request_notice"), ("http_response", "http_response_notice")]:
-        fields = layout.span_offsets() if member == "span" else next(
-            t for t in layout.NOTICE_TYPES if t.member == member).offsets()
+    structs = [("span_record", layout.span_offsets())] + [(f"{t.member}_notice", t.offsets())
+                                                          for t in layout.NOTICE_TYPES]
+    for struct_name, fields in structs:
         lines += [f"SHOW({struct_name}, {name})" for name in fields] + [f"SIZE({struct_name})"]
     lines += [f"SIZE({name})" for name in ("stack_key", "process_info", "latency_slots")]
     lines += [f"CONSTANT({name})" for name in layout.CONSTANTS] + [f"CONSTANT({name})" for name in layout.COUNTER_ENUM]
@@ -92,8 +91,7 @@ def test_span_record_mirror(c_layout):
 
 @pytest.mark.parametrize("notice", layout.NOTICE_TYPES, ids=lambda t: t.member)
 def test_notice_mirrors(c_layout, notice):
-    struct_name = {"process": "process_notice", "http_request": "http_request_notice",
-                   "http_response": "http_response_notice"}[notice.member]
+    struct_name = f"{notice.member}_notice"  # struct event_layouts names each member after its struct
     assert {name: c_layout[("field", struct_name, name)] for name in notice.offsets()} == notice.offsets()
     assert c_layout[("size", struct_name)][0] == notice.struct.size
 

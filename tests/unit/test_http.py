@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from otel_ebpf.kernel import layout
 from otel_ebpf.protocols.http1 import (
     KNOWN_METHODS,
+    next_request_at,
     parse_request,
     parse_response,
     server_span_attributes,
@@ -384,6 +385,8 @@ def test_server_span_attributes_of_a_plain_request():
         "server.port": 8080,
         "network.peer.address": "127.0.0.1",
         "network.peer.port": 51000,
+        "network.local.address": "127.0.0.1",
+        "network.local.port": 8080,
         "client.address": "127.0.0.1",
         "user_agent.original": "Python-urllib/3.11",
         "network.protocol.version": "1.1",
@@ -725,3 +728,17 @@ def test_ground_truth_parses_server_and_client_lines():
 def test_ground_truth_rejects_malformed_lines(parser, text):
     with pytest.raises(ValueError, match="malformed"):
         parser(text)
+
+
+@pytest.mark.parametrize("data, at", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\n\r\n", 27),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None),  # nothing follows
+    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n", 41),  # after its body
+    (b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nabcGET", None),  # its body goes on
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\n", None),  # not followed
+    (b"GET / HTTP/1.1\nHost: a\n\nGET /x", 24),  # LF-only lines
+    (b"\r\nGET / HTTP/1.1\r\n\r\nGET /x", 20),  # the CRLF a client may send after a body
+    (b"GET / HTTP/1.1\r\nHost: a\r\n", None),  # header section not seen whole
+])
+def test_where_a_pipelined_request_begins(data, at):
+    assert next_request_at(data) == at
