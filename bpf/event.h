@@ -46,6 +46,7 @@ enum notice_kind {
 	NOTICE_HTTP_REQUEST = 3,  /* struct http_request_notice */
 	NOTICE_HTTP_RESPONSE = 4, /* struct http_response_notice */
 	NOTICE_FDS_CLOSED = 5,    /* struct fds_closed_notice */
+	NOTICE_HTTP2 = 6,         /* struct http2_notice */
 };
 
 /* The first bytes of every notice. */
@@ -167,6 +168,38 @@ struct http_response_notice {
 	__u8 data[HTTP_RESPONSE_CAPTURE]; /* only while write < HTTP_RESPONSE_HEAD_WRITES */
 };
 
+/* Bytes kept of each read and write of an HTTP/2 connection: its frames, as far as they fit. */
+#define HTTP2_CAPTURE 4096
+
+/* A read or write of an HTTP/2 connection (one whose first read was the client's preface), on its socket or in
+ * plaintext at OpenSSL: user space follows the frames of each direction from these and decodes their headers.
+ * The record ends after the `captured` bytes of data: the first bytes of what was read or written, across its
+ * iovecs. */
+struct http2_notice {
+	struct notice_header header; /* NOTICE_HTTP2 */
+	__u32 fd;
+	__u32 pid;
+	__u32 tid;
+	__u32 process_seq;
+	__u64 ns;                /* CLOCK_MONOTONIC when the read or write returned */
+	__u64 length;            /* bytes read or written */
+	__u32 captured;          /* bytes of data that are valid */
+	__u16 direction;         /* HTTP2_RECEIVED, HTTP2_SENT, or HTTP2_CLOSED (the connection closed: no data) */
+	__u16 flags;             /* HTTP_TLS */
+	__u16 family;            /* of both addresses, as in http_request_notice */
+	__u16 peer_port;
+	__u16 local_port;
+	__u16 pad;
+	__u8 peer_addr[16];
+	__u8 local_addr[16];
+	__u8 data[HTTP2_CAPTURE];
+};
+
+/* http2_notice.direction */
+#define HTTP2_RECEIVED 0
+#define HTTP2_SENT 1
+#define HTTP2_CLOSED 2
+
 /* Descriptors [first, last] of a watched process that had sockets closed at once, without a close() per
  * descriptor: close_range, or the process's exit (0 to ~0). The requests on them end then. */
 struct fds_closed_notice {
@@ -184,6 +217,7 @@ struct event_layouts {
 	struct http_request_notice http_request;
 	struct http_response_notice http_response;
 	struct fds_closed_notice fds_closed;
+	struct http2_notice http2;
 };
 
 /* Slots of the `counters` map: things the kernel side could not do, so user space can report them. */

@@ -24,6 +24,10 @@
 #define SWEPT_FDS 4096
 /* Of a writev's iovecs, how many are looked at to find the last bytes it wrote. */
 #define TAIL_IOVECS 8
+/* Of a read's or write's iovecs on an HTTP/2 connection, how many are copied from (gRPC writes a slice per
+ * frame header, header block and message). */
+#define HTTP2_IOVECS 64
+#define HTTP2_PREFACE_HEAD 0x20495250 /* "PRI ", the start of "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" */
 
 struct user_iovec {
 	__u64 base;
@@ -163,12 +167,19 @@ static __always_inline void remember_read(int fd, const void *buf, __u32 op)
 		remember_io(fd, buf, op);
 }
 
-/* Writes are kept only on connections with a request in flight. */
+/* The socket `conn` if it is an HTTP/2 connection. */
+static __always_inline struct socket_info *http2_socket(struct connection_key *conn)
+{
+	struct socket_info *sock = sockets.lookup(conn);
+	return sock && sock->protocol == SOCKET_HTTP2 ? sock : NULL;
+}
+
+/* Writes are kept only on connections with a request in flight, and HTTP/2 connections. */
 static __always_inline void remember_write(int fd, const void *buf, __u32 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
-	if (requests.lookup(&conn))
+	if (requests.lookup(&conn) || http2_socket(&conn))
 		remember_io(fd, buf, inside_tls_call(id, fd) ? IO_TLS_WRITE : op);
 }
 
@@ -274,16 +285,107 @@ static __always_inline void send_request_notice(struct request_context *request,
 	notices.ringbuf_submit(event, 0);
 }
 
-/* `length` bytes at `buf` came in on descriptor `fd` (from the socket, or in plaintext from SSL_read): the
- * start of a request, more of one, or nothing of HTTP. */
-static __always_inline void read_request(__u64 id, int fd, __u64 buf, __u64 length, __u16 flags)
+/* The iovec array of a readv/writev, recvmsg/sendmsg (0: io->buf is the data itself). */
+static __always_inline __u64 iovecs(struct pending_io *io)
+{
+	__u64 vec = io->buf;
+	if (io->op == IO_READ || io->op == IO_WRITE)
+		return 0;
+	if ((io->op == IO_RECVMSG || io->op == IO_SENDMSG) &&
+	    bpf_probe_read_user(&vec, sizeof(vec), (void *)(io->buf + 16))) /* msghdr.msg_iov */
+		return 0;
+	return vec;
+}
+
+/* A read or write of `ret` bytes on an HTTP/2 connection: its first HTTP2_CAPTURE bytes, gathered across
+ * iovecs, to user space. */
+static __always_inline void send_http2_notice(struct socket_info *sock, struct pending_io *io, __u64 ret,
+					      __u16 direction, __u16 flags, __u64 ns)
+{
+	__u32 zero = 0;
+	struct http2_scratch *scratch = http2_scratch.lookup(&zero);
+	struct bpf_pidns_info ns_ids = {};
+	if (!scratch || visible_ids(&ns_ids))
+		return;
+	struct http2_notice *event = &scratch->notice;
+	__u64 vec = iovecs(io);
+	__u64 limit = ret < HTTP2_CAPTURE ? ret : HTTP2_CAPTURE;
+	if (io->op == IO_SENDFILE)
+		limit = 0; /* file data (a DATA payload): counted, not read */
+	asm volatile("" : "+r"(limit));
+	if (limit > HTTP2_CAPTURE)
+		limit = HTTP2_CAPTURE;
+	__u32 captured = 0;
+	if (!vec) {
+		if (!bpf_probe_read_user(event->data, limit, (void *)io->buf))
+			captured = limit;
+	}
+	/* Few branches per iteration: the verifier walks each iteration's paths. `at` and `take` are masked for
+	 * it (at < HTTP2_CAPTURE, take < 2 * HTTP2_CAPTURE: within data and spill); they are already smaller. */
+#pragma clang loop unroll(disable)
+	for (int i = 0; vec && i < HTTP2_IOVECS; i++) {
+		struct user_iovec iov;
+		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(vec + i * sizeof(iov))))
+			break;
+		__u32 at = captured;
+		asm volatile("" : "+r"(at));
+		at &= HTTP2_CAPTURE - 1;
+		__u64 take = limit - at;
+		if (iov.len < take)
+			take = iov.len;
+		asm volatile("" : "+r"(take));
+		take &= 2 * HTTP2_CAPTURE - 1;
+		if (bpf_probe_read_user(event->data + at, take, (void *)iov.base))
+			break;
+		captured = at + take;
+		if (captured >= limit)
+			break;
+	}
+	event->header.kind = NOTICE_HTTP2;
+	event->fd = io->fd;
+	event->pid = ns_ids.tgid;
+	event->tid = ns_ids.pid;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct process_info *info = processes.lookup(&tgid);
+	event->process_seq = info ? info->seq : 0;
+	event->ns = ns;
+	event->length = ret;
+	event->direction = direction;
+	event->flags = flags;
+	event->family = sock->family;
+	event->peer_port = sock->peer.port;
+	event->local_port = sock->local.port;
+	__builtin_memcpy(event->peer_addr, sock->peer.addr, sizeof(event->peer_addr));
+	__builtin_memcpy(event->local_addr, sock->local.addr, sizeof(event->local_addr));
+	__u32 size = offsetof(struct http2_notice, data) + (captured < limit ? captured : limit);
+	asm volatile("" : "+r"(size));
+	if (size > sizeof(*event))
+		size = sizeof(*event);
+	event->captured = size - offsetof(struct http2_notice, data);
+	event->header.length = size;
+	if (notices.ringbuf_output(event, size, 0))
+		count(COUNTER_NOTICES_LOST);
+}
+
+/* `ret` bytes came in on descriptor io->fd (from the socket, or in plaintext from SSL_read): the start of a
+ * request, more of one, HTTP/2 frames, or nothing of HTTP. */
+static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 ret, __u16 flags)
 {
 	__u32 tgid = id >> 32;
 	struct process_info *info = processes.lookup(&tgid);
-	if (!info || !buf)
+	if (!info)
 		return;
+	int fd = io->fd;
 	struct socket_info *sock = accepted_socket(tgid, fd, info);
 	if (!sock)
+		return;
+	if (sock->protocol == SOCKET_HTTP2) {
+		send_http2_notice(sock, io, ret, HTTP2_RECEIVED, flags, bpf_ktime_get_ns());
+		return;
+	}
+	__u64 length;
+	__u64 buf = first_buffer(io, ret, &length);
+	if (!buf)
 		return;
 	struct connection_key conn = {.tgid = tgid, .fd = fd};
 	struct request_context *request = requests.lookup(&conn);
@@ -296,7 +398,14 @@ static __always_inline void read_request(__u64 id, int fd, __u64 buf, __u64 leng
 	if (length < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
 		return;
 	__u32 head = 0;
-	if (bpf_probe_read_user(&head, sizeof(head), (void *)buf) || !starts_like_http(head))
+	if (bpf_probe_read_user(&head, sizeof(head), (void *)buf))
+		return;
+	if (head == HTTP2_PREFACE_HEAD) {
+		sock->protocol = SOCKET_HTTP2;
+		send_http2_notice(sock, io, ret, HTTP2_RECEIVED, flags, bpf_ktime_get_ns());
+		return;
+	}
+	if (!starts_like_http(head))
 		return;
 	struct request_context fresh = {.span_id = random_id(), .thread = id, .fd = fd, .reads = 1};
 	fresh.trace_id[0] = random_id();
@@ -317,9 +426,7 @@ static __always_inline void on_read(long ret)
 	struct pending_io io;
 	if (!take_pending(id, IO_READ, IO_RECVMSG, &io) || ret <= 0)
 		return;
-	__u64 length;
-	__u64 buf = first_buffer(&io, ret, &length);
-	read_request(id, io.fd, buf, length, 0);
+	read_request(id, &io, ret, 0);
 }
 
 /* A response write (data: its first bytes and last bytes), or the close of the connection (closed). */
@@ -369,8 +476,12 @@ static __always_inline void write_response(__u64 id, struct pending_io *io, long
 {
 	struct connection_key conn = {.tgid = id >> 32, .fd = io->fd};
 	struct request_context *request = requests.lookup(&conn);
-	if (!request)
+	if (!request) {
+		struct socket_info *sock = http2_socket(&conn);
+		if (sock)
+			send_http2_notice(sock, io, ret, HTTP2_SENT, io->tls ? HTTP_TLS : 0, end_ns);
 		return;
+	}
 	send_response_notice(request, io, ret, 0, end_ns);
 	if (request->writes < 0xffffffff)
 		request->writes++;
@@ -555,6 +666,11 @@ static __always_inline void inherit_request(__u32 tgid, __u32 child_tid)
 static __always_inline void close_connection(__u32 tgid, __u32 fd)
 {
 	struct connection_key conn = {.tgid = tgid, .fd = fd};
+	struct socket_info *sock = http2_socket(&conn);
+	if (sock) {
+		struct pending_io none = {.fd = fd, .op = IO_SENDFILE};
+		send_http2_notice(sock, &none, 0, HTTP2_CLOSED, 0, bpf_ktime_get_ns());
+	}
 	forget_socket(&conn);
 	struct request_context *request = requests.lookup(&conn);
 	if (!request)

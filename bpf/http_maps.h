@@ -21,7 +21,8 @@ enum io_op {
 struct pending_io {
 	__u64 buf;
 	__u32 fd;
-	__u32 op;                /* enum io_op */
+	__u16 op;                /* enum io_op */
+	__u16 tls;               /* 1: the plaintext of an OpenSSL call (tls.bpf.c), not a syscall's */
 };
 BPF_HASH(pending_io, __u64, struct pending_io, MAX_THREADS);
 
@@ -44,11 +45,23 @@ struct endpoint {
 struct socket_info {
 	__u32 process_seq;       /* of the process that accepted it: its forks may serve it too */
 	__u16 family;            /* AF_INET, AF_INET6, or 0 when accept was not given a sockaddr */
-	__u16 pad;
+	__u16 protocol;          /* SOCKET_HTTP1, or SOCKET_HTTP2 once its first read was the client's preface */
 	struct endpoint peer;
 	struct endpoint local;   /* port 0: not known */
 };
 BPF_TABLE("lru_hash", struct connection_key, struct socket_info, sockets, MAX_THREADS);
+
+/* socket_info.protocol */
+#define SOCKET_HTTP1 0
+#define SOCKET_HTTP2 1
+
+/* Where an http2_notice is put together, its data gathered across iovecs (`spill`: what the last copy may write
+ * past the end of data, for the verifier's sake). */
+struct http2_scratch {
+	struct http2_notice notice;
+	__u8 spill[2 * HTTP2_CAPTURE];
+};
+BPF_PERCPU_ARRAY(http2_scratch, struct http2_scratch, 1);
 
 /* One past the highest descriptor number of a socket in `sockets`, per watched process (tgid): what its exit
  * sweeps. */

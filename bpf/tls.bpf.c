@@ -49,10 +49,11 @@ static __always_inline void tls_return(struct pt_regs *ctx)
 	}
 	if (!bytes || done.fd < 0)
 		return;
-	if (done.op == TLS_READ || done.op == TLS_READ_EX) {
-		read_request(id, done.fd, done.buf, bytes, HTTP_TLS);
+	struct pending_io io = {.buf = done.buf, .fd = done.fd, .op = done.op == TLS_READ || done.op == TLS_READ_EX ?
+				IO_READ : IO_WRITE, .tls = 1};
+	if (io.op == IO_READ) {
+		read_request(id, &io, bytes, HTTP_TLS);
 	} else {
-		struct pending_io io = {.buf = done.buf, .fd = done.fd, .op = IO_WRITE};
 		/* Done when its ciphertext was handed to the socket, as a plain write is at its syscall's exit. */
 		write_response(id, &io, bytes, done.written_ns ? done.written_ns : bpf_ktime_get_ns());
 	}

@@ -55,7 +55,7 @@ class ConsoleFormat:
         """The request as a client would write it, and what the server answered."""
         attrs = s.attributes
         target = attrs.get("url.path", "") + (f"?{attrs['url.query']}" if "url.query" in attrs else "")
-        status = attrs.get("http.response.status_code", "no response")
+        status = attrs.get("http.response.status_code", attrs.get("rpc.response.status_code", "no response"))
         peer = f" from {attrs['client.address']}" if "client.address" in attrs else ""
         return (f"{self._start(s.start_ns)} {(s.end_ns - s.start_ns) / 1e6:10.3f} ms  SERVER {s.name} {target} "
                 f"-> {status}{peer}  {s.resource.service_name} pid={s.process & 0xFFFFFFFF} tid={s.tid} "

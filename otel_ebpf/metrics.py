@@ -74,6 +74,10 @@ COUNTERS = {
         "{entry}", "Connections, requests and threads' requests the kernel forgot to make room (OTEL_EBPF_MAX_THREADS "
         "entries each): requests on them go untraced, or unparented.",
     ),
+    "otel_ebpf.http2.unfollowed": CounterInfo(
+        "{connection}", "HTTP/2 connections whose frames were not all seen (a read or write too large to copy, one "
+        "lost, or a connection older than the run): their requests are not reported.",
+    ),
     "otel_ebpf.call_stacks": CounterInfo(
         "{thread}", "Threads and goroutines with a call stack in the kernel; follows the live ones unless state leaks.",
         monotonic=False,

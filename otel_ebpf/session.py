@@ -232,6 +232,8 @@ class Session:
             evicted = self.program.evicted(kernel)
             if evicted:
                 counters["otel_ebpf.http.evicted"] = {f"{name}_map_full": n for name, n in evicted.items()}
+            if self.correlator.http2_broken:
+                counters["otel_ebpf.http2.unfollowed"] = {"frames_unseen": self.correlator.http2_broken}
             counters["otel_ebpf.call_stacks"] = {"": self.program.call_stacks()}
             return latencies, counters
 
@@ -356,6 +358,9 @@ class Session:
         evicted = [f"{n} {name.replace('_', ' ')}" for name, n in self.program.evicted(kernel).items() if n]
         if evicted:
             line += f"; the kernel forgot {', '.join(evicted)} to make room (raise {OTEL_EBPF_MAX_THREADS})"
+        if self.correlator.http2_broken:
+            line += (f"; {self.correlator.http2_broken} HTTP/2 connections could not be followed (frames not all "
+                     "seen), their requests not reported")
         if stats["spooled"]:
             line += f"; {stats['spooled']} spans kept in {settings.spool_dir} for the next run"
         if still_followed:

@@ -37,6 +37,10 @@ HTTP_REQUEST_READS = 4
 HTTP_RESPONSE_CAPTURE = 512
 HTTP_RESPONSE_HEAD_WRITES = 4
 HTTP_RESPONSE_TAIL = 8
+HTTP2_CAPTURE = 4096
+HTTP2_RECEIVED = 0
+HTTP2_SENT = 1
+HTTP2_CLOSED = 2
 IDENTITY_FILENAME = 256
 IDENTITY_ARGV = 512
 IDENTITY_ENV = 1024
@@ -53,6 +57,7 @@ NOTICE_PROCESS_EXIT = 2
 NOTICE_HTTP_REQUEST = 3
 NOTICE_HTTP_RESPONSE = 4
 NOTICE_FDS_CLOSED = 5
+NOTICE_HTTP2 = 6
 # process_info.flags (bpf/maps.h): written by user space when it registers a process itself.
 PROCESS_HAS_PARENT = 1
 PROCESS_PARENT_SAMPLED = 2
@@ -157,7 +162,12 @@ HTTP_RESPONSE = NoticeType(NOTICE_HTTP_RESPONSE, "http_response", _HEADER + (
 FDS_CLOSED = NoticeType(NOTICE_FDS_CLOSED, "fds_closed", _HEADER + (
     ("pid", "I"), ("first", "I"), ("last", "Q"), ("end_ns", "Q"),
 ))
-NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED)
+HTTP2 = NoticeType(NOTICE_HTTP2, "http2", _HEADER + (
+    ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("ns", "Q"), ("length", "Q"), ("captured", "I"),
+    ("direction", "H"), ("flags", "H"), ("family", "H"), ("peer_port", "H"), ("local_port", "H"), ("pad", "H"),
+    ("peer_addr", "16s"), ("local_addr", "16s"), ("data", f"{HTTP2_CAPTURE}s"),
+))
+NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2)
 # An exit notice is a process notice that ends before its identity.
 PROCESS_HEAD_SIZE = PROCESS.offsets()["identity.flags"][0]
 
@@ -199,6 +209,23 @@ class HttpRequestNotice(NamedTuple):
     local: tuple[str, int] | None = None  # the server's end of the connection
 
 
+class Http2Notice(NamedTuple):
+    """A read or write of an HTTP/2 connection, or its close (direction): `data` is its first bytes, `length`
+    all of it."""
+
+    fd: int
+    pid: int
+    tid: int
+    process_seq: int
+    ns: int
+    length: int
+    direction: int  # HTTP2_RECEIVED, HTTP2_SENT, HTTP2_CLOSED
+    data: bytes
+    tls: bool = False
+    peer: tuple[str, int] | None = None
+    local: tuple[str, int] | None = None
+
+
 class FdsClosedNotice(NamedTuple):
     """Descriptors first..last of a process closed at once (close_range, or its exit)."""
 
@@ -226,6 +253,7 @@ _IDENTITY_HEAD = struct.Struct("<IHHHHI16s8s")
 _REQUEST = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_REQUEST.fields))
 _RESPONSE = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_RESPONSE.fields))
 _FDS_CLOSED = FDS_CLOSED.struct
+_HTTP2_HEAD = struct.Struct("<" + "".join(fmt for name, fmt in HTTP2.fields if name != "data"))
 
 
 def _identity(record: memoryview) -> Identity:
@@ -279,6 +307,12 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
          data) = _RESPONSE.unpack_from(record)
         return HttpResponseNotice(fd, pid, tid, end, span_id, data[:length], written, write, bool(closed),
                                   tail[:tail_length])
+    if kind == NOTICE_HTTP2:
+        (_, _, fd, pid, tid, seq, ns, length, captured, direction, flags, family, peer_port, local_port, _, peer_addr,
+         local_addr) = _HTTP2_HEAD.unpack_from(record)
+        data = bytes(record[_HTTP2_HEAD.size:_HTTP2_HEAD.size + captured])
+        return Http2Notice(fd, pid, tid, seq, ns, length, direction, data, bool(flags & HTTP_TLS),
+                           peer_address(family, peer_port, peer_addr), peer_address(family, local_port, local_addr))
     if kind == NOTICE_FDS_CLOSED:
         return FdsClosedNotice(*_FDS_CLOSED.unpack_from(record)[2:])
     return None

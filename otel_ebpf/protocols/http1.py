@@ -111,7 +111,7 @@ def parse_request(data: bytes) -> Request | None:
             value_text = _text(value.strip(b" \t"))
             headers[name] = headers[name] + "," + value_text if name in headers else value_text
 
-    return _request(_text(method), _text(target), None if version is None else _text(version), headers)
+    return request_from(_text(method), _text(target), None if version is None else _text(version), headers)
 
 
 def header_section_complete(data: bytes) -> bool:
@@ -136,8 +136,9 @@ def next_request_at(data: bytes) -> int | None:
     return at if at < len(data) else None
 
 
-def _request(method: str, target: str, version: str | None, headers: dict[str, str]) -> Request:
-    """Splits the request-target (RFC 9112 section 3.2) into the pieces a span reports."""
+def request_from(method: str, target: str, version: str | None, headers: dict[str, str]) -> Request:
+    """Splits the request-target (RFC 9112 section 3.2; HTTP/2's :path is one too) into the pieces a span
+    reports. `headers`: lower-case names, of those a span uses."""
     authority, scheme = headers.get("host"), None
     absolute = _ABSOLUTE_FORM.match(target)
     if absolute:

@@ -10,37 +10,18 @@ import os
 import re
 import secrets
 import signal
-import socket
-import ssl
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 
-from tests.e2e.servers import NGINX, NGINX_FUNCTION, Nginx, self_signed, wait_for_port
+from tests.e2e.servers import (LIBC, NGINX_FUNCTION, Exchange, Nginx, command_pid, connect, exported_spans,
+                               self_signed, traced_nginx, traces_to, wait_for_tls_in)
 from tests.e2e.spancheck import CLOCK_SLACK_NS, attributes
 
 # Larger than anything the loopback's socket buffers can hold (tcp_wmem's and tcp_rmem's maxima here: 4 and 6 MiB):
 # nginx's last sendfile returns only after the client has read at least BIG - BUFFERED bytes.
 BIG = 32 << 20
 BUFFERED = 16 << 20
-LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
-
-
-@dataclass
-class Exchange:
-    """One request as the client saw it."""
-
-    method: str
-    path: str
-    trace_id: str
-    span_id: str
-    client_port: int
-    sent_ns: int = 0
-    received_ns: int = 0  # the response's last byte
-    status: int = 0
-    drained_ns: int = 0  # BIG only: when all but BUFFERED bytes of the body had arrived
 
 
 class Client:
@@ -49,11 +30,7 @@ class Client:
 
     def __init__(self, port: int, tls: bool):
         self.port = port
-        self.conn = socket.create_connection(("127.0.0.1", port), timeout=30)
-        if tls:
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # nginx's self-signed certificate
-            self.conn = context.wrap_socket(self.conn)
+        self.conn = connect(port, tls)
         self.buffer = b""
         self.exchanges: list[Exchange] = []
 
@@ -109,46 +86,15 @@ class Client:
         self.conn.close()
 
 
-def traces_to(receiver) -> dict[str, str]:
-    return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.http_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "OTEL_LOG_LEVEL": "debug"}
-
-
-def command_pid(t) -> int:
-    return int(re.search(r" in pid (\d+) and its descendants", t.stderr)[1])
-
-
-def wait_for_tls_in(t, wanted: Callable[[int], bool]) -> None:
-    """Until OpenSSL's uprobes are on in a process `wanted` accepts. They go on per process, once the kernel
-    announced it (a forked worker at its first wait for events, a few ms after its fork), or once a look at
-    its mappings finds a libssl it loaded (TLS_RESCAN_S). Requests sent before then are not read (README,
-    "Joining existing traces")."""
-    deadline = time.monotonic() + 30
-    while not any(wanted(int(pid)) for pid in re.findall(r"reading TLS plaintext of pid (\d+) ", t.stderr)):
-        assert time.monotonic() < deadline and t.proc.poll() is None, t.stderr
-        time.sleep(0.01)  # polling the condition: the tracer's stderr grows as it attaches
-
-
-def exported_spans(t, receiver) -> list:
-    """Every span the finished tracer says it exported, as the receiver got them."""
-    exported = int(re.search(r"otel-ebpf: (\d+) spans exported, 0 lost", t.stderr)[1])
-    return receiver.wait_for_spans(exported, timeout=20)
-
-
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_nginx_requests_as_an_event_loop_serves_them(tracer, receiver, tmp_path, scheme):
     """With https the same requests are read in plaintext at OpenSSL's SSL_read and SSL_write (the big file is
     written with SSL_write, not sendfile)."""
     tls = scheme == "https"
     nginx = Nginx(tmp_path / "nginx", workers=1, big_file=BIG, tls=tls)
-    t = tracer(["trace", str(NGINX), NGINX_FUNCTION, "--", *nginx.argv()], **traces_to(receiver))
     clients = []
     try:
-        t.wait_ready()
-        wait_for_port(nginx.port)
-        if tls:
-            master = command_pid(t)
-            wait_for_tls_in(t, lambda pid: pid != master)
+        t = traced_nginx(tracer, receiver, nginx)
         kept = Client(nginx.port, tls)  # keep-alive: four requests, then kept open while the others run
         clients.append(kept)
         kept.ask("GET", "/")
@@ -339,12 +285,9 @@ def test_what_the_kernel_cannot_keep_is_counted(tracer, receiver, tmp_path):
     kernel forgets at least 36 of them to make room (more: the LRU frees entries in batches), and says so; each
     request was read right after its accept, so every one still has its SERVER span."""
     nginx = Nginx(tmp_path / "nginx", workers=1, connections=256)
-    t = tracer(["trace", str(NGINX), NGINX_FUNCTION, "--", *nginx.argv()], OTEL_EBPF_MAX_THREADS="64",
-               **traces_to(receiver))
     clients = []
     try:
-        t.wait_ready()
-        wait_for_port(nginx.port)
+        t = traced_nginx(tracer, receiver, nginx, OTEL_EBPF_MAX_THREADS="64")
         for _ in range(100):
             clients.append(Client(nginx.port, tls=False))
             clients[-1].ask("GET", "/")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import clean_env
-from tests.e2e.servers import NGINX, NGINX_FUNCTION, Nginx, wait_for_port
+from tests.e2e.servers import NGINX, NGINX_FUNCTION, Nginx, traced_nginx, wait_for_port
 from tests.e2e.spancheck import check_tree, match, named
 from tests.ground_truth import NESTED, parse
 from tests.waiting import wait_until
@@ -69,10 +69,8 @@ def test_a_server_whose_master_forks_workers_traces_every_workers_first_request(
     """nginx under -- COMMAND: the master forks two workers; each worker's first request has its SERVER span in
     the caller's trace, with the worker's probed call under it."""
     nginx = Nginx(tmp_path / "nginx")
-    t = tracer(["trace", str(NGINX), NGINX_FUNCTION, "--", *nginx.argv()], **traces_to(receiver))
     try:
-        t.wait_ready()
-        wait_for_port(nginx.port)
+        t = traced_nginx(tracer, receiver, nginx)
         check_first_request_of_every_worker(nginx, receiver)
     finally:
         nginx.stop()
