@@ -142,7 +142,9 @@ struct http_request_notice {
 	__u16 peer_port;         /* host byte order */
 	__u8 peer_addr[16];      /* AF_INET: the first 4 bytes */
 	__u16 local_port;        /* 0: the local end is not known */
-	__u16 pad[3];
+	__u8 held_length;        /* bytes of `held` that come before data: a short read before this one */
+	__u8 pad;
+	__u8 held[4];
 	__u8 local_addr[16];
 	__u8 data[HTTP_REQUEST_CAPTURE];
 };

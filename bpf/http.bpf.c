@@ -27,6 +27,8 @@
 /* Of a read's or write's iovecs on an HTTP/2 connection, how many are copied from (gRPC writes a slice per
  * frame header, header block and message). */
 #define HTTP2_IOVECS 64
+/* Reads shorter than this are held for the next one (a power of two). */
+#define HELD_BYTES 4
 #define HTTP2_PREFACE_HEAD 0x20495250 /* "PRI ", the start of "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" */
 
 struct user_iovec {
@@ -244,8 +246,9 @@ static __always_inline __u32 read_tail(struct pending_io *io, __u64 ret, __u8 *t
 	return n;
 }
 
+/* `held`: bytes of the socket's previous read that begin the request (socket_info.held). */
 static __always_inline void send_request_notice(struct request_context *request, struct socket_info *sock,
-						__u64 buf, __u64 length, __u32 read, __u16 flags)
+						__u64 buf, __u64 length, __u32 read, __u16 flags, __u32 held)
 {
 	struct bpf_pidns_info ns = {};
 	if (visible_ids(&ns))
@@ -279,6 +282,9 @@ static __always_inline void send_request_notice(struct request_context *request,
 	__builtin_memcpy(event->peer_addr, sock->peer.addr, sizeof(event->peer_addr));
 	event->local_port = sock->local.port;
 	__builtin_memcpy(event->local_addr, sock->local.addr, sizeof(event->local_addr));
+	event->held_length = held;
+	__u32 held_bytes = held ? sock->held : 0;
+	__builtin_memcpy(event->held, &held_bytes, sizeof(event->held));
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct process_info *info = processes.lookup(&tgid);
 	event->process_seq = info ? info->seq : 0;
@@ -392,14 +398,26 @@ static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 
 	if (request && !request->writes) {
 		/* More of a request not yet answered: the rest of its header section, or its body. */
 		if (request->reads < HTTP_REQUEST_READS)
-			send_request_notice(request, sock, buf, length, request->reads++, flags);
+			send_request_notice(request, sock, buf, length, request->reads++, flags, 0);
 		return;
 	}
-	if (length < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
+	/* A read of a few bytes may be the start of the next request: Go's server reads one byte in the background
+	 * once it answered, to see the client go. Held, they join the next read. */
+	__u32 held = sock->held_length;
+	sock->held_length = 0;
+	if (!held && length < HELD_BYTES) {
+		sock->held = 0;
+		if (!bpf_probe_read_user(&sock->held, length & (HELD_BYTES - 1), (void *)buf))
+			sock->held_length = length;
+		return;
+	}
+	if (length + held < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
 		return;
 	__u32 head = 0;
 	if (bpf_probe_read_user(&head, sizeof(head), (void *)buf))
 		return;
+	if (held) /* little-endian: the held bytes first, then this read's */
+		head = sock->held | head << (8 * (held & (HELD_BYTES - 1)));
 	if (head == HTTP2_PREFACE_HEAD) {
 		sock->protocol = SOCKET_HTTP2;
 		send_http2_notice(sock, io, ret, HTTP2_RECEIVED, flags, bpf_ktime_get_ns());
@@ -415,7 +433,7 @@ static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 
 #else
 	fresh.sampled = sample_root(fresh.trace_id[1]);
 #endif
-	send_request_notice(&fresh, sock, buf, length, 0, flags);
+	send_request_notice(&fresh, sock, buf, length, 0, flags, held);
 	keep_request(&conn, &fresh);
 	serve_request(&id, &fresh);
 }

@@ -48,6 +48,8 @@ struct socket_info {
 	__u16 protocol;          /* SOCKET_HTTP1, or SOCKET_HTTP2 once its first read was the client's preface */
 	struct endpoint peer;
 	struct endpoint local;   /* port 0: not known */
+	__u32 held;              /* the bytes of a read shorter than HELD_BYTES, for the next read */
+	__u32 held_length;
 };
 BPF_TABLE("lru_hash", struct connection_key, struct socket_info, sockets, MAX_THREADS);
 

@@ -151,7 +151,8 @@ HTTP_REQUEST = NoticeType(NOTICE_HTTP_REQUEST, "http_request", _HEADER + (
     ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("start_ns", "Q"), ("trace_id", "16s"),
     ("span_id", "8s"), ("sampled", "I"), ("length", "I"), ("read", "H"), ("flags", "H"), ("family", "H"),
     ("peer_port", "H"),
-    ("peer_addr", "16s"), ("local_port", "H"), ("pad", "6s"), ("local_addr", "16s"),
+    ("peer_addr", "16s"), ("local_port", "H"), ("held_length", "B"), ("pad", "B"), ("held", "4s"),
+    ("local_addr", "16s"),
     ("data", f"{HTTP_REQUEST_CAPTURE}s"),
 ))
 HTTP_RESPONSE = NoticeType(NOTICE_HTTP_RESPONSE, "http_response", _HEADER + (
@@ -296,8 +297,9 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
         return ProcessNotice(kind, pid, seq, parent_pid, parent_seq, cause, identity)
     if kind == NOTICE_HTTP_REQUEST:
         (_, _, fd, pid, tid, seq, start, trace_id, span_id, sampled, length, read, flags, family, port, addr,
-         local_port, _, local_addr, data) = _REQUEST.unpack_from(record)
-        return HttpRequestNotice(fd, pid, tid, seq, start, trace_id, span_id, sampled, data[:length], read,
+         local_port, held_length, _, held, local_addr, data) = _REQUEST.unpack_from(record)
+        return HttpRequestNotice(fd, pid, tid, seq, start, trace_id, span_id, sampled,
+                                 held[:held_length] + data[:length], read,
                                  peer_address(family, port, addr), bool(flags & HTTP_TLS),
                                  peer_address(family, local_port, local_addr))
     if kind == NOTICE_HTTP_RESPONSE:

@@ -188,10 +188,14 @@ def test_server_survives_concurrent_load_and_every_call_is_a_span(tracer, receiv
 def test_go_calls_are_never_linked_to_another_goroutines_request(tracer, receiver, program):
     """With HTTP SERVER spans on (the default), Go calls are not made children of requests: goroutines hop
     between threads, so a link kept per thread would hand one request's context to another request's
-    goroutine (it did, before Go calls were excluded). The requests still get their SERVER spans."""
+    goroutine (it did, before Go calls were excluded). The requests still get their SERVER spans, every one."""
     truth, received, _ = serve_under_load(tracer, receiver, program, "pid")
     servers = {s.span_id for _, s in received if s.kind == s.SPAN_KIND_SERVER}
     handlers = [s for _, s in received if s.name == "main.(*Server).handle"]
+    # Every request has its SERVER span, keep-alive ones too: once it answered, net/http reads one byte in the
+    # background, which takes the first byte of a request that comes before that read is called off (seen: 12
+    # of 400 requests here); the kernel joins it to the next read.
+    assert len(servers) == len(handlers) == Counter(c.fn for c in truth.calls)["main.(*Server).handle"]
     assert servers and handlers
     assert not [h for h in handlers if h.parent_span_id in servers], "a Go call was linked to a request"
     assert all(h.parent_span_id == b"" for h in handlers), "main.(*Server).handle is the outermost probed call"
