@@ -47,6 +47,7 @@ enum notice_kind {
 	NOTICE_HTTP_RESPONSE = 4, /* struct http_response_notice */
 	NOTICE_FDS_CLOSED = 5,    /* struct fds_closed_notice */
 	NOTICE_HTTP2 = 6,         /* struct http2_notice */
+	NOTICE_HTTP_CLIENT = 7,   /* struct http_client_notice */
 };
 
 /* The first bytes of every notice. */
@@ -170,6 +171,29 @@ struct http_response_notice {
 	__u8 data[HTTP_RESPONSE_CAPTURE]; /* only while write < HTTP_RESPONSE_HEAD_WRITES */
 };
 
+/* An HTTP/1.x request a watched process wrote on a socket it connected: a CLIENT span, the child of the probed
+ * call in flight on that thread (else of the request it serves). Its response comes back as
+ * http_response_notice records of the reads (span_id is this one's), or the connection's close. */
+struct http_client_notice {
+	struct notice_header header; /* NOTICE_HTTP_CLIENT */
+	__u32 fd;
+	__u32 pid;
+	__u32 tid;
+	__u32 process_seq;
+	__u64 start_ns;          /* CLOCK_MONOTONIC when the write returned */
+	__u64 trace_id[2];       /* the trace of the span it is a child of, as the kernel knows it, or a new one */
+	__u64 span_id;           /* of the CLIENT span */
+	__u64 parent_span_id;    /* 0: a root */
+	__u32 sampled;
+	__u32 length;            /* bytes of data that are valid */
+	__u16 family;            /* of the server's address, as connect was given it */
+	__u16 peer_port;
+	__u16 flags;             /* HTTP_TLS: written in plaintext to SSL_write */
+	__u16 pad;
+	__u8 peer_addr[16];
+	__u8 data[HTTP_REQUEST_CAPTURE];
+};
+
 /* Bytes kept of each read and write of an HTTP/2 connection: its frames, as far as they fit. */
 #define HTTP2_CAPTURE 4096
 
@@ -220,6 +244,7 @@ struct event_layouts {
 	struct http_response_notice http_response;
 	struct fds_closed_notice fds_closed;
 	struct http2_notice http2;
+	struct http_client_notice http_client;
 };
 
 /* Slots of the `counters` map: things the kernel side could not do, so user space can report them. */

@@ -16,6 +16,7 @@
 #define F_DUPFD_CMD 0
 #define F_DUPFD_CLOEXEC_CMD 1030
 #define CLOSE_RANGE_CLOEXEC_FLAG 4
+#define EINPROGRESS_ERRNO 115
 #define TCP_ESTABLISHED_STATE 1
 #define TCP_SYN_RECV_STATE 3
 #define IPPROTO_TCP_NUMBER 6
@@ -123,8 +124,9 @@ static __always_inline void remember_io(int fd, const void *buf, __u32 op)
 	pending_io.update(&id, &io);
 }
 
-/* The socket `fd` of process `tgid` if otel-ebpf saw it accepted there or in the parent it was forked from. */
-static __always_inline struct socket_info *accepted_socket(__u32 tgid, int fd, struct process_info *info)
+/* The socket `fd` of process `tgid` if otel-ebpf saw it accepted or connected there or in the parent it was
+ * forked from. */
+static __always_inline struct socket_info *known_socket(__u32 tgid, int fd, struct process_info *info)
 {
 	struct connection_key conn = {.tgid = tgid, .fd = fd};
 	struct socket_info *sock = sockets.lookup(&conn);
@@ -162,7 +164,7 @@ static __always_inline void remember_read(int fd, const void *buf, __u32 op)
 	if (!info)
 		return;
 	announce_fork(tgid, info);
-	if (!accepted_socket(tgid, fd, info))
+	if (!known_socket(tgid, fd, info))
 		return;
 	leave_answered_request(id);
 	if (!inside_tls_call(id, fd))
@@ -176,12 +178,15 @@ static __always_inline struct socket_info *http2_socket(struct connection_key *c
 	return sock && sock->protocol == SOCKET_HTTP2 ? sock : NULL;
 }
 
-/* Writes are kept only on connections with a request in flight, and HTTP/2 connections. */
+/* Writes are kept only on connections with a request in flight, HTTP/2 connections and connected sockets. */
 static __always_inline void remember_write(int fd, const void *buf, __u32 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
-	if (requests.lookup(&conn) || http2_socket(&conn))
+	struct socket_info *sock = requests.lookup(&conn) ? NULL : sockets.lookup(&conn);
+	if (sock && sock->protocol == SOCKET_HTTP1)
+		return;
+	if (sock || requests.lookup(&conn))
 		remember_io(fd, buf, inside_tls_call(id, fd) ? IO_TLS_WRITE : op);
 }
 
@@ -216,15 +221,16 @@ static __always_inline __u64 first_buffer(struct pending_io *io, long ret, __u64
 	return iov.base;
 }
 
-/* The last bytes of what the write wrote, `ret` bytes from its buffer or across its iovecs. */
+/* The last bytes of what the write wrote (or the read read), `ret` bytes from its buffer or across its iovecs. */
 static __always_inline __u32 read_tail(struct pending_io *io, __u64 ret, __u8 *tail)
 {
 	__u64 end = 0;
-	if (io->op == IO_WRITE) {
+	if (io->op == IO_WRITE || io->op == IO_READ) {
 		end = io->buf + ret;
-	} else if (io->op == IO_WRITEV || io->op == IO_SENDMSG) {
+	} else if (io->op == IO_WRITEV || io->op == IO_SENDMSG || io->op == IO_READV || io->op == IO_RECVMSG) {
 		__u64 vec = io->buf;
-		if (io->op == IO_SENDMSG && bpf_probe_read_user(&vec, sizeof(vec), (void *)(io->buf + 16)))
+		if ((io->op == IO_SENDMSG || io->op == IO_RECVMSG) &&
+		    bpf_probe_read_user(&vec, sizeof(vec), (void *)(io->buf + 16)))
 			return 0;
 		__u64 left = ret;
 		for (int i = 0; i < TAIL_IOVECS; i++) {
@@ -373,6 +379,8 @@ static __always_inline void send_http2_notice(struct socket_info *sock, struct p
 		count(COUNTER_NOTICES_LOST);
 }
 
+static __always_inline void response_read(__u64 id, struct pending_io *io, __u64 ret);
+
 /* `ret` bytes came in on descriptor io->fd (from the socket, or in plaintext from SSL_read): the start of a
  * request, more of one, HTTP/2 frames, or nothing of HTTP. */
 static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 ret, __u16 flags)
@@ -382,9 +390,13 @@ static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 
 	if (!info)
 		return;
 	int fd = io->fd;
-	struct socket_info *sock = accepted_socket(tgid, fd, info);
+	struct socket_info *sock = known_socket(tgid, fd, info);
 	if (!sock)
 		return;
+	if (sock->protocol == SOCKET_CLIENT) {
+		response_read(id, io, ret);
+		return;
+	}
 	if (sock->protocol == SOCKET_HTTP2) {
 		send_http2_notice(sock, io, ret, HTTP2_RECEIVED, flags, bpf_ktime_get_ns());
 		return;
@@ -488,6 +500,117 @@ static __always_inline void send_response_notice(struct request_context *request
 	notices.ringbuf_submit(event, 0);
 }
 
+/* The span a call the thread makes now is a child of, in `context` (its trace, sampled) and *parent: the
+ * innermost probed call in flight (which must then be emitted, whatever its duration), else the request the
+ * thread serves, else the process's TRACEPARENT. 0 when there is none. Go's calls nest per goroutine, not
+ * per thread: not seen here. */
+static __always_inline int current_context(__u64 id, struct request_context *context, __u64 *parent)
+{
+	struct stack_key key = {.goroutine = 0, .tgid = id >> 32, .tid = (__u32)id};
+	struct call_stack *stack = call_stacks.lookup(&key);
+	__u32 top = stack ? stack->depth - 1 : MAX_DEPTH;
+	if (top > MAX_DEPTH - 1 && stack && stack->depth)
+		top = MAX_DEPTH - 1; /* deeper calls are not recorded: the deepest that is */
+	asm volatile("" : "+r"(top));
+	if (stack && top < MAX_DEPTH) {
+		context->trace_id[0] = stack->trace_id[0];
+		context->trace_id[1] = stack->trace_id[1];
+		context->sampled = stack->sampled;
+		*parent = stack->frames[top].span_id;
+		stack->frames[top].child_emitted = 1;
+		return 1;
+	}
+	struct request_context *serving = thread_requests.lookup(&id);
+	if (serving) {
+		context->trace_id[0] = serving->trace_id[0];
+		context->trace_id[1] = serving->trace_id[1];
+		context->sampled = serving->sampled;
+		*parent = serving->span_id;
+		return 1;
+	}
+	__u32 tgid = id >> 32;
+	struct process_info *info = processes.lookup(&tgid);
+	if (info && info->flags & PROCESS_HAS_PARENT) {
+		context->trace_id[0] = info->trace_id[0];
+		context->trace_id[1] = info->trace_id[1];
+		context->sampled = !!(info->flags & PROCESS_PARENT_SAMPLED);
+		*parent = info->span_id;
+		return 1;
+	}
+	return 0;
+}
+
+/* A write on a connected socket: an outbound request if it starts like one (a CLIENT span), unless the
+ * connection's previous request has not had a response read yet (then it is more of that one). */
+static __always_inline void request_written(__u64 id, struct socket_info *sock, struct pending_io *io, long ret,
+					    __u64 end_ns)
+{
+	struct connection_key conn = {.tgid = id >> 32, .fd = io->fd};
+	struct request_context *previous = client_requests.lookup(&conn);
+	if (previous && !previous->writes)
+		return;
+	__u64 length;
+	__u64 buf = first_buffer(io, ret, &length);
+	__u32 head = 0;
+	if (!buf || length < 16 || bpf_probe_read_user(&head, sizeof(head), (void *)buf) || !starts_like_http(head))
+		return;
+	struct request_context outbound = {.span_id = random_id(), .thread = id, .fd = io->fd};
+	__u64 parent = 0;
+	if (!current_context(id, &outbound, &parent)) {
+		outbound.trace_id[0] = random_id();
+		outbound.trace_id[1] = random_id();
+		outbound.sampled = sample_root(outbound.trace_id[1]);
+	}
+	client_requests.update(&conn, &outbound);
+	struct bpf_pidns_info ns = {};
+	if (visible_ids(&ns))
+		return;
+	struct http_client_notice *event = notices.ringbuf_reserve(sizeof(struct http_client_notice));
+	if (!event) {
+		count(COUNTER_NOTICES_LOST);
+		return;
+	}
+	__u32 n = length < HTTP_REQUEST_CAPTURE ? length : HTTP_REQUEST_CAPTURE;
+	asm volatile("" : "+r"(n));
+	if (n > HTTP_REQUEST_CAPTURE)
+		n = HTTP_REQUEST_CAPTURE;
+	if (bpf_probe_read_user(event->data, n, (void *)buf))
+		n = 0;
+	event->header.kind = NOTICE_HTTP_CLIENT;
+	event->header.length = sizeof(*event);
+	event->fd = io->fd;
+	event->pid = ns.tgid;
+	event->tid = ns.pid;
+	__u32 tgid = id >> 32;
+	struct process_info *info = processes.lookup(&tgid);
+	event->process_seq = info ? info->seq : 0;
+	event->start_ns = end_ns;
+	event->trace_id[0] = outbound.trace_id[0];
+	event->trace_id[1] = outbound.trace_id[1];
+	event->span_id = outbound.span_id;
+	event->parent_span_id = parent;
+	event->sampled = outbound.sampled;
+	event->length = n;
+	event->family = sock->family;
+	event->peer_port = sock->peer.port;
+	event->flags = io->tls ? HTTP_TLS : 0;
+	event->pad = 0;
+	__builtin_memcpy(event->peer_addr, sock->peer.addr, sizeof(event->peer_addr));
+	notices.ringbuf_submit(event, 0);
+}
+
+/* A read on a connected socket with an outbound request in flight: part of its response. */
+static __always_inline void response_read(__u64 id, struct pending_io *io, __u64 ret)
+{
+	struct connection_key conn = {.tgid = id >> 32, .fd = io->fd};
+	struct request_context *outbound = client_requests.lookup(&conn);
+	if (!outbound)
+		return;
+	send_response_notice(outbound, io, ret, 0, bpf_ktime_get_ns());
+	if (outbound->writes < 0xffffffff)
+		outbound->writes++;
+}
+
 /* A write of `ret` bytes on io->fd (to the socket, or in plaintext to SSL_write), done at end_ns: part of a
  * response, if the connection has a request in flight. */
 static __always_inline void write_response(__u64 id, struct pending_io *io, long ret, __u64 end_ns)
@@ -495,9 +618,11 @@ static __always_inline void write_response(__u64 id, struct pending_io *io, long
 	struct connection_key conn = {.tgid = id >> 32, .fd = io->fd};
 	struct request_context *request = requests.lookup(&conn);
 	if (!request) {
-		struct socket_info *sock = http2_socket(&conn);
-		if (sock)
+		struct socket_info *sock = sockets.lookup(&conn);
+		if (sock && sock->protocol == SOCKET_HTTP2)
 			send_http2_notice(sock, io, ret, HTTP2_SENT, io->tls ? HTTP_TLS : 0, end_ns);
+		else if (sock && sock->protocol == SOCKET_CLIENT)
+			request_written(id, sock, io, ret, end_ns);
 		return;
 	}
 	send_response_notice(request, io, ret, 0, end_ns);
@@ -562,7 +687,6 @@ static __always_inline void read_peer(__u64 sockaddr, struct socket_info *sock)
 		return;
 	}
 	sock->peer.port = (addr.port >> 8) | (addr.port << 8);
-	find_local_end(sock);
 }
 
 /* A TCP connection to this host is established (softirq: no process has it yet): its local end, by its
@@ -598,6 +722,7 @@ static __always_inline void on_accept(long ret)
 		return;
 	struct socket_info sock = {.process_seq = info->seq};
 	read_peer(io.buf, &sock);
+	find_local_end(&sock);
 	struct connection_key conn = {.tgid = tgid, .fd = ret};
 	keep_socket(&conn, &sock);
 }
@@ -619,8 +744,37 @@ static __always_inline void on_peername(long ret)
 		return;
 	struct connection_key conn = {.tgid = id >> 32, .fd = io.fd};
 	struct socket_info *sock = sockets.lookup(&conn);
-	if (sock)
+	if (sock) {
 		read_peer(io.buf, sock);
+		find_local_end(sock);
+	}
+}
+
+static __always_inline void remember_connect(int fd, const void *server)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (current_process(tgid))
+		remember_io(fd, server, IO_CONNECT);
+}
+
+/* A watched process connected a socket (or began to: a non-blocking connect returns -EINPROGRESS): its writes
+ * may begin outbound requests. Only TCP/IP ones are kept. */
+static __always_inline void on_connect(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io io;
+	if (!take_pending(id, IO_CONNECT, IO_CONNECT, &io) || (ret != 0 && ret != -EINPROGRESS_ERRNO))
+		return;
+	__u32 tgid = id >> 32;
+	struct process_info *info = processes.lookup(&tgid);
+	if (!info)
+		return;
+	struct socket_info sock = {.process_seq = info->seq, .protocol = SOCKET_CLIENT};
+	read_peer(io.buf, &sock);
+	if (!sock.family)
+		return;
+	struct connection_key conn = {.tgid = tgid, .fd = io.fd};
+	keep_socket(&conn, &sock);
 }
 
 static __always_inline void remember_dup(__u32 fd)
@@ -685,15 +839,18 @@ static __always_inline void close_connection(__u32 tgid, __u32 fd)
 {
 	struct connection_key conn = {.tgid = tgid, .fd = fd};
 	struct socket_info *sock = http2_socket(&conn);
-	if (sock) {
-		struct pending_io none = {.fd = fd, .op = IO_SENDFILE};
+	struct pending_io none = {.fd = fd, .op = IO_SENDFILE};
+	if (sock)
 		send_http2_notice(sock, &none, 0, HTTP2_CLOSED, 0, bpf_ktime_get_ns());
+	struct request_context *outbound = client_requests.lookup(&conn);
+	if (outbound) {
+		send_response_notice(outbound, &none, 0, 1, bpf_ktime_get_ns());
+		client_requests.delete(&conn);
 	}
 	forget_socket(&conn);
 	struct request_context *request = requests.lookup(&conn);
 	if (!request)
 		return;
-	struct pending_io none = {.fd = fd, .op = IO_SENDFILE};
 	send_response_notice(request, &none, 0, 1, bpf_ktime_get_ns());
 	struct request_context *serving = thread_requests.lookup(&request->thread);
 	if (serving && serving->span_id == request->span_id)
@@ -725,6 +882,7 @@ static __always_inline void close_connections(__u32 tgid, __u32 first, __u32 las
 		struct connection_key conn = {.tgid = tgid, .fd = fd};
 		sockets_removed += (__u64)(sockets.delete(&conn) + 2) >> 1;
 		requests_removed += (__u64)(requests.delete(&conn) + 2) >> 1;
+		client_requests.delete(&conn);
 	}
 	__u32 slot = COUNTER_SOCKETS_REMOVED;
 	__u64 *n = counters.lookup(&slot);

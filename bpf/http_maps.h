@@ -16,6 +16,7 @@ enum io_op {
 	IO_ACCEPT,               /* buf: the peer's sockaddr (accept, accept4) */
 	IO_DUP,                  /* fd: the descriptor duplicated (dup, dup2, dup3, fcntl F_DUPFD) */
 	IO_PEERNAME,             /* buf: the sockaddr getpeername fills in, for a socket accepted without one */
+	IO_CONNECT,              /* buf: the sockaddr connect was given */
 };
 
 struct pending_io {
@@ -45,7 +46,7 @@ struct endpoint {
 struct socket_info {
 	__u32 process_seq;       /* of the process that accepted it: its forks may serve it too */
 	__u16 family;            /* AF_INET, AF_INET6, or 0 when accept was not given a sockaddr */
-	__u16 protocol;          /* SOCKET_HTTP1, or SOCKET_HTTP2 once its first read was the client's preface */
+	__u16 protocol;          /* SOCKET_* */
 	struct endpoint peer;
 	struct endpoint local;   /* port 0: not known */
 	__u32 held;              /* the bytes of a read shorter than HELD_BYTES, for the next read */
@@ -54,8 +55,9 @@ struct socket_info {
 BPF_TABLE("lru_hash", struct connection_key, struct socket_info, sockets, MAX_THREADS);
 
 /* socket_info.protocol */
-#define SOCKET_HTTP1 0
-#define SOCKET_HTTP2 1
+#define SOCKET_HTTP1 0           /* accepted: its reads may begin requests */
+#define SOCKET_HTTP2 1           /* accepted, and its first read was HTTP/2's client preface */
+#define SOCKET_CLIENT 2          /* connected by the process: its writes may begin outbound requests */
 
 /* Where an http2_notice is put together, its data gathered across iovecs (`spill`: what the last copy may write
  * past the end of data, for the verifier's sake). */
@@ -82,6 +84,10 @@ BPF_TABLE("lru_hash", struct endpoint_key, struct endpoint, passive_opens, MAX_T
 
 /* The request in flight per connection. LRU, pushing out is counted (COUNTER_REQUESTS_*). */
 BPF_TABLE("lru_hash", struct connection_key, struct request_context, requests, MAX_THREADS);
+
+/* The outbound request in flight per connected socket (span_id: of its CLIENT span; writes: reads of its
+ * response so far). LRU, what it pushes out is not counted: a response not seen ends the span at the close. */
+BPF_TABLE("lru_hash", struct connection_key, struct request_context, client_requests, MAX_THREADS);
 
 /* The request each thread is serving, by pid_tgid: probed calls starting there become its children. LRU,
  * pushing out is counted (COUNTER_THREAD_REQUESTS_*). */

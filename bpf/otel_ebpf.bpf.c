@@ -59,6 +59,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { remember_accept(args->fd, args->
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_accept(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_accept) { remember_accept(args->fd, args->upeer_sockaddr); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_accept(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) { remember_connect(args->fd, args->uservaddr); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) { on_connect(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_getpeername) { remember_peername(args->fd, args->usockaddr); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_getpeername) { on_peername(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_dup) { remember_dup(args->fildes); return 0; }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from otel_ebpf.otlp.encode import ServerSpan, SpanChunk
+from otel_ebpf.otlp.encode import SPAN_KIND_CLIENT, ServerSpan, SpanChunk
 
 NO_PARENT = "-"
 
@@ -54,10 +54,12 @@ class ConsoleFormat:
     def _server(self, s: ServerSpan) -> str:
         """The request as a client would write it, and what the server answered."""
         attrs = s.attributes
-        target = attrs.get("url.path", "") + (f"?{attrs['url.query']}" if "url.query" in attrs else "")
+        target = attrs.get("url.full") or attrs.get("url.path", "") + (
+            f"?{attrs['url.query']}" if "url.query" in attrs else "")
         status = attrs.get("http.response.status_code", attrs.get("rpc.response.status_code", "no response"))
         peer = f" from {attrs['client.address']}" if "client.address" in attrs else ""
-        return (f"{self._start(s.start_ns)} {(s.end_ns - s.start_ns) / 1e6:10.3f} ms  SERVER {s.name} {target} "
+        kind = "CLIENT" if s.kind == SPAN_KIND_CLIENT else "SERVER"
+        return (f"{self._start(s.start_ns)} {(s.end_ns - s.start_ns) / 1e6:10.3f} ms  {kind} {s.name} {target} "
                 f"-> {status}{peer}  {s.resource.service_name} pid={s.process & 0xFFFFFFFF} tid={s.tid} "
                 f"trace={s.trace_id.hex()} span={s.span_id.hex()} "
                 f"parent={s.parent_span_id.hex() if s.parent_span_id else NO_PARENT}")

@@ -29,7 +29,7 @@ import numpy as np
 from otel_ebpf.protocols import grpc, http1, http2
 from otel_ebpf.tracecontext import SpanContext, parse_traceparent
 from otel_ebpf.kernel import layout
-from otel_ebpf.otlp.encode import ServerSpan, SpanChunk, process_key
+from otel_ebpf.otlp.encode import SPAN_KIND_CLIENT, ServerSpan, SpanChunk, process_key
 from otel_ebpf.processes import ProcessRegistry
 
 # Requests whose decisions are remembered: far more than can be in flight, or have spans still to drain.
@@ -103,6 +103,14 @@ class _Rewrites:
         return ~(matched & drop[at]), matched
 
 
+@dataclass(slots=True)
+class _Outbound:
+    notice: layout.HttpClientNotice
+    request: http1.Request
+    framing: http1.ResponseFraming  # where its response ends, from the reads of it
+    last_read_ns: int = 0
+
+
 class _Splits:
     """The calls of pipelined requests: the kernel puts them in the trace of the request read first, under its
     SERVER span; those that start once its response is complete belong to the next request (and after that
@@ -170,6 +178,9 @@ class Correlator:
         self._http2: collections.OrderedDict[tuple[int, int], tuple[http2.Connection, layout.Http2Notice]] = (
             collections.OrderedDict())
         self.http2_broken = 0  # HTTP/2 connections that could not be followed to their end
+        self._clients: collections.OrderedDict[bytes, _Outbound] = collections.OrderedDict()  # by CLIENT span id
+        self._client_connections: dict[tuple[int, int], bytes] = {}
+        self.client_spans_owned = 0  # outbound requests with a traceparent: the program's own CLIENT spans
 
     def notices(self, notices: list) -> list[ServerSpan]:
         out = []
@@ -183,6 +194,8 @@ class Correlator:
                 out.extend(self._read(notice))
             elif isinstance(notice, layout.HttpResponseNotice):
                 out.extend(self._written(notice))
+            elif isinstance(notice, layout.HttpClientNotice):
+                out.extend(self._outbound(notice))
             elif isinstance(notice, layout.Http2Notice):
                 out.extend(self._http2_io(notice))
             elif isinstance(notice, layout.FdsClosedNotice):
@@ -190,6 +203,9 @@ class Correlator:
                           if pid == notice.pid and notice.first <= fd <= notice.last]
                 for key in closed:
                     out.extend(self._finish(key, notice.end_ns))
+                for key in [key for (pid, fd), key in self._client_connections.items()
+                            if pid == notice.pid and notice.first <= fd <= notice.last]:
+                    out.extend(self._client_done(key, notice.end_ns))
                 for pid, fd in [c for c in self._http2 if c[0] == notice.pid and notice.first <= c[1] <= notice.last]:
                     connection, first = self._http2.pop((pid, fd))
                     out.extend(self._stream_spans(connection.close(notice.end_ns), first))
@@ -250,6 +266,16 @@ class Correlator:
 
     def spans(self, records: np.ndarray) -> SpanChunk:
         """The drained records as a chunk to export: moved into their traces, the unsampled ones left out."""
+        records = self._placed(records)
+        keys = layout.words(records)[:, _PID] if len(records) else ()
+        distinct = [int(keys[0])] if len(keys) and (keys == keys[0]).all() else np.unique(keys).tolist()
+        probe_ids = records["probe_id"]
+        resources = {key: self.registry.resource(key, self._binaries(int(probe_ids[np.argmax(keys == key)])))
+                     for key in distinct}
+        return SpanChunk(records, resources)
+
+    def _placed(self, records: np.ndarray) -> np.ndarray:
+        """Records moved into the traces user space decided (in place), the unsampled ones left out."""
         words = layout.words(records)
         keep = matched = None
         if self._splits and len(records):
@@ -261,12 +287,7 @@ class Correlator:
             keep = self._adopt(records, words, key, parent, matched, keep)
         if keep is not None and not keep.all():
             records = records[keep]
-        keys = layout.words(records)[:, _PID] if len(records) else ()
-        distinct = [int(keys[0])] if len(keys) and (keys == keys[0]).all() else np.unique(keys).tolist()
-        probe_ids = records["probe_id"]
-        resources = {key: self.registry.resource(key, self._binaries(int(probe_ids[np.argmax(keys == key)])))
-                     for key in distinct}
-        return SpanChunk(records, resources)
+        return records
 
     def _adopt(self, records, words, key: int, parent: SpanContext, matched, keep):
         """Spans of a process started under `parent` that no request claimed join its trace; its roots become
@@ -351,7 +372,65 @@ class Correlator:
         tracked.pipelined = _Request(notice, data, None, None, False, kernel_trace=tracked.kernel_trace)
         self._decide(tracked.pipelined)
 
+    def _outbound(self, notice: layout.HttpClientNotice) -> list[ServerSpan]:
+        """An outbound request: it ends the connection's previous one (at its last read), and waits for its
+        response, unless the program put a traceparent in it: then the program made its own CLIENT span."""
+        connection = (notice.pid, notice.fd)
+        previous = self._client_connections.pop(connection, None)
+        out = self._client_done(previous, None) if previous else []
+        request = http1.parse_request(notice.data)
+        if request is None:
+            return out
+        if request.parent is not None:
+            self.client_spans_owned += 1
+            return out
+        self._clients[notice.span_id] = _Outbound(notice, request, http1.ResponseFraming(request.method))
+        self._client_connections[connection] = notice.span_id
+        while len(self._clients) > MAX_TRACKED:
+            _, dropped = self._clients.popitem(last=False)
+            self._client_connections.pop((dropped.notice.pid, dropped.notice.fd), None)
+        return out
+
+    def _client_done(self, span_id: bytes, end_ns: int | None) -> list[ServerSpan]:
+        """The outbound request's CLIENT span, ended at end_ns or (None) at its response's last read; placed in
+        the trace its parent ends up in, and dropped with it."""
+        tracked = self._clients.pop(span_id, None)
+        if tracked is None:
+            return []
+        notice = tracked.notice
+        connection = (notice.pid, notice.fd)
+        if self._client_connections.get(connection) == span_id:
+            del self._client_connections[connection]
+        if not notice.sampled:
+            return []
+        record = np.zeros(1, layout.SPAN_RECORD_DTYPE)
+        record["pid"], record["process_seq"], record["start_ns"] = notice.pid, notice.process_seq, notice.start_ns
+        words = layout.words(record)
+        words[0, _TRACE_LOW:_TRACE_LOW + 2] = np.frombuffer(notice.trace_id, np.uint64)
+        words[0, _PARENT] = np.frombuffer(notice.parent_span_id, np.uint64)[0]
+        record = self._placed(record)
+        if not len(record):
+            return []
+        words = layout.words(record)
+        trace_id, parent = words[0, _TRACE_LOW:_TRACE_LOW + 2].tobytes(), words[0, _PARENT].tobytes()
+        status = tracked.framing.status
+        key = int(process_key(notice.pid, notice.process_seq))
+        end = end_ns or tracked.last_read_ns or notice.start_ns
+        return [ServerSpan(key, self.registry.resource(key), notice.tid, trace_id, notice.span_id,
+                           parent if any(parent) else None, "", notice.start_ns, end,
+                           http1.server_span_name(tracked.request),
+                           http1.client_span_attributes(tracked.request, status, notice.peer, notice.tls),
+                           SPAN_KIND_CLIENT)]
+
     def _written(self, notice: layout.HttpResponseNotice) -> list[ServerSpan]:
+        outbound = self._clients.get(notice.span_id)
+        if outbound is not None:  # a read of an outbound request's response
+            if notice.closed:
+                return self._client_done(notice.span_id, notice.end_ns)
+            outbound.last_read_ns = notice.end_ns
+            if outbound.framing.write(notice.written, notice.data, notice.tail):
+                return self._client_done(notice.span_id, notice.end_ns)
+            return []
         tracked = self._requests.get(notice.span_id)
         if tracked is None:
             return []

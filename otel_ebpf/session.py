@@ -358,6 +358,9 @@ class Session:
         evicted = [f"{n} {name.replace('_', ' ')}" for name, n in self.program.evicted(kernel).items() if n]
         if evicted:
             line += f"; the kernel forgot {', '.join(evicted)} to make room (raise {OTEL_EBPF_MAX_THREADS})"
+        if self.correlator.client_spans_owned:
+            line += (f"; {self.correlator.client_spans_owned} outbound requests carried a traceparent (the "
+                     "program's own CLIENT spans), none made for them")
         if self.correlator.http2_broken:
             line += (f"; {self.correlator.http2_broken} HTTP/2 connections could not be followed (frames not all "
                      "seen), their requests not reported")

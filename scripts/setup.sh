@@ -11,7 +11,7 @@ fail() { echo "setup: $*" >&2; exit 1; }
 
 PACKAGES=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 gcc g++ make binutils bpftrace golang-go
           libc6-dbg debuginfod elfutils xz-utils iproute2 util-linux openssl
-          nginx-light redis-server redis-tools sqlite3)
+          nginx-light redis-server redis-tools sqlite3 curl)
 # The Rust symbol test needs a rustc; Debian's unless the machine has one (rustup's).
 command -v rustc >/dev/null || PACKAGES+=(rustc)
 missing=()

@@ -58,6 +58,7 @@ NOTICE_HTTP_REQUEST = 3
 NOTICE_HTTP_RESPONSE = 4
 NOTICE_FDS_CLOSED = 5
 NOTICE_HTTP2 = 6
+NOTICE_HTTP_CLIENT = 7
 # process_info.flags (bpf/maps.h): written by user space when it registers a process itself.
 PROCESS_HAS_PARENT = 1
 PROCESS_PARENT_SAMPLED = 2
@@ -168,7 +169,12 @@ HTTP2 = NoticeType(NOTICE_HTTP2, "http2", _HEADER + (
     ("direction", "H"), ("flags", "H"), ("family", "H"), ("peer_port", "H"), ("local_port", "H"), ("pad", "H"),
     ("peer_addr", "16s"), ("local_addr", "16s"), ("data", f"{HTTP2_CAPTURE}s"),
 ))
-NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2)
+HTTP_CLIENT = NoticeType(NOTICE_HTTP_CLIENT, "http_client", _HEADER + (
+    ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("start_ns", "Q"), ("trace_id", "16s"),
+    ("span_id", "8s"), ("parent_span_id", "8s"), ("sampled", "I"), ("length", "I"), ("family", "H"),
+    ("peer_port", "H"), ("flags", "H"), ("pad", "H"), ("peer_addr", "16s"), ("data", f"{HTTP_REQUEST_CAPTURE}s"),
+))
+NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CLIENT)
 # An exit notice is a process notice that ends before its identity.
 PROCESS_HEAD_SIZE = PROCESS.offsets()["identity.flags"][0]
 
@@ -227,6 +233,23 @@ class Http2Notice(NamedTuple):
     local: tuple[str, int] | None = None
 
 
+class HttpClientNotice(NamedTuple):
+    """An outbound request a watched process wrote: its CLIENT span's ids, as the kernel made them."""
+
+    fd: int
+    pid: int
+    tid: int
+    process_seq: int
+    start_ns: int
+    trace_id: bytes
+    span_id: bytes
+    parent_span_id: bytes  # zeros: a root
+    sampled: int
+    data: bytes
+    peer: tuple[str, int] | None = None  # the server, as connect was given it
+    tls: bool = False  # written in plaintext to SSL_write: HTTPS
+
+
 class FdsClosedNotice(NamedTuple):
     """Descriptors first..last of a process closed at once (close_range, or its exit)."""
 
@@ -254,6 +277,7 @@ _IDENTITY_HEAD = struct.Struct("<IHHHHI16s8s")
 _REQUEST = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_REQUEST.fields))
 _RESPONSE = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_RESPONSE.fields))
 _FDS_CLOSED = FDS_CLOSED.struct
+_CLIENT = HTTP_CLIENT.struct
 _HTTP2_HEAD = struct.Struct("<" + "".join(fmt for name, fmt in HTTP2.fields if name != "data"))
 
 
@@ -315,6 +339,11 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
         data = bytes(record[_HTTP2_HEAD.size:_HTTP2_HEAD.size + captured])
         return Http2Notice(fd, pid, tid, seq, ns, length, direction, data, bool(flags & HTTP_TLS),
                            peer_address(family, peer_port, peer_addr), peer_address(family, local_port, local_addr))
+    if kind == NOTICE_HTTP_CLIENT:
+        (_, _, fd, pid, tid, seq, start, trace_id, span_id, parent, sampled, length, family, port, flags, _, addr,
+         data) = _CLIENT.unpack_from(record)
+        return HttpClientNotice(fd, pid, tid, seq, start, trace_id, span_id, parent, sampled, data[:length],
+                                peer_address(family, port, addr), bool(flags & HTTP_TLS))
     if kind == NOTICE_FDS_CLOSED:
         return FdsClosedNotice(*_FDS_CLOSED.unpack_from(record)[2:])
     return None

@@ -194,7 +194,8 @@ def process_key(pid, process_seq):
 
 @dataclass(frozen=True, slots=True)
 class ServerSpan:
-    """A finished request seen by the kernel (an HTTP SERVER span), ready to encode."""
+    """A finished request seen by the kernel, ready to encode: a SERVER span, or a CLIENT span (an outbound
+    request), whose parent is then a local span."""
 
     process: int  # process_key
     resource: Resource
@@ -207,6 +208,7 @@ class ServerSpan:
     end_ns: int
     name: str
     attributes: dict
+    kind: int = SPAN_KIND_SERVER
 
 
 @dataclass(frozen=True)
@@ -354,19 +356,20 @@ class SpanEncoder:
 
     @staticmethod
     def _server_span(s: ServerSpan, offset: int) -> bytes:
-        """A SERVER span: rare next to function spans, so encoded plainly."""
+        """A SERVER or CLIENT span: rare next to function spans, so encoded plainly."""
         parts = [field(1, s.trace_id), field(2, s.span_id)]
         if s.tracestate:
             parts.append(field(3, s.tracestate.encode()))
         if s.parent_span_id:
             parts.append(field(4, s.parent_span_id))
         parts += [
-            field(5, s.name.encode()), varint(6 << 3) + varint(SPAN_KIND_SERVER),
+            field(5, s.name.encode()), varint(6 << 3) + varint(s.kind),
             b"\x39" + struct.pack("<Q", s.start_ns + offset), b"\x41" + struct.pack("<Q", s.end_ns + offset),
             attributes(9, {**s.attributes, "thread.id": s.tid}),
         ]
         if "error.type" in s.attributes:
             parts.append(field(15, varint(3 << 3) + varint(STATUS_CODE_ERROR)))
-        flags = FLAG_SAMPLED | FLAG_HAS_IS_REMOTE | (FLAG_IS_REMOTE if s.parent_span_id else 0)
+        remote = s.parent_span_id and s.kind == SPAN_KIND_SERVER
+        flags = FLAG_SAMPLED | FLAG_HAS_IS_REMOTE | (FLAG_IS_REMOTE if remote else 0)
         parts.append(varint(16 << 3 | 5) + struct.pack("<I", flags))
         return b"".join(parts)

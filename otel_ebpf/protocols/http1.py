@@ -297,6 +297,40 @@ def server_span_attributes(req: Request, status: int | None, local: Address | No
     return attrs
 
 
+def client_span_attributes(req: Request, status: int | None, peer: Address | None,
+                           tls: bool) -> dict[str, str | int]:
+    """Attributes of the HTTP client span (semantic conventions, stable HTTP). url.full carries the query's
+    keys, never its values. `error.type` is present exactly when the status is an error: 4xx or 5xx."""
+    attrs: dict[str, str | int] = {}
+    if req.method in KNOWN_METHODS:
+        attrs["http.request.method"] = req.method
+    else:
+        attrs["http.request.method"] = "_OTHER"
+        attrs["http.request.method_original"] = req.method
+    scheme = req.scheme or ("https" if tls else "http")
+    host, port = split_host_port(req.authority) if req.authority else (peer or (None, None))
+    if host:
+        attrs["server.address"] = host
+        attrs["server.port"] = port if port is not None else _DEFAULT_PORTS.get(scheme)
+        query = "" if req.query is None else "?" + "&".join(
+            f"{key}=REDACTED" if equals else key for key, equals, _ in (p.partition("=") for p in req.query.split("&")))
+        attrs["url.full"] = f"{scheme}://{req.authority or _authority(host, port)}{req.path}{query}"
+    if status is not None:
+        attrs["http.response.status_code"] = status
+        if status >= 400:
+            attrs["error.type"] = str(status)
+    if peer is not None:
+        attrs["network.peer.address"], attrs["network.peer.port"] = peer
+    if req.version is not None:
+        attrs["network.protocol.version"] = req.version
+    return attrs
+
+
+def _authority(host: str, port: int | None) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return host if port is None else f"{host}:{port}"
+
+
 def _first(value: str | None) -> str | None:
     """First element of a comma-separated header: the one the client-most proxy wrote."""
     return value.partition(",")[0].strip() if value else None

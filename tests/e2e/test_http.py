@@ -22,6 +22,7 @@ PER_SPAN = ("thread.id", "network.peer.port")  # checked apart from the other at
 # The peer as accept (or getpeername) returned it: there for every request, however short its connection.
 FROM_ACCEPT = {"network.peer.address": "127.0.0.1", "client.address": "127.0.0.1"}
 PIPELINED = ("/work?n=7&via=pipelined", "/work?n=3&via=pipelined")
+LIBCURL = "/usr/lib/x86_64-linux-gnu/libcurl.so.4"  # curl's transfers: curl_easy_perform
 
 
 def otlp_env(receiver) -> dict[str, str]:
@@ -240,3 +241,43 @@ def test_sidecar_correlates_requests_after_the_first_probed_call(tracer, receive
                 if r["service.name"] == "http-client" or r.get("process.pid") == truth.pid]
     check_http(received, truth, clients, port, {"/work?n=2&via=raw": raw_port},
                correlated=lambda request: request.start > first_call)
+
+
+def test_outbound_requests_become_client_spans(tracer, receiver, server):
+    """curl started under a trace (TRACEPARENT) fetches two URLs from httpserver on one connection, then a third
+    with a traceparent header of its own: the first two become CLIENT spans, children of the curl_easy_perform
+    call that made them, in the process's trace, checked against the server's own readings; the third is the
+    program's own business (it propagates its context): no CLIENT span, and the summary says so."""
+    proc, out = server(3)
+    port = int(out.wait_for(r"listening port=(\d+)", alive=lambda: proc.poll() is None).group(1))
+    trace_id, span_id, own = secrets.token_hex(16), secrets.token_hex(8), secrets.token_hex(16)
+    base = f"http://127.0.0.1:{port}"
+    t = tracer(["trace", LIBCURL, "curl_easy_perform", "--", "curl", "-s", "-o", "/dev/null", "-o", "/dev/null",
+                f"{base}/work?n=5&mode=x", f"{base}/missing", "--next", "-s", "-o", "/dev/null", "-H",
+                f"traceparent: 00-{own}-{'1' * 16}-01", f"{base}/work?n=2"],
+               TRACEPARENT=f"00-{trace_id}-{span_id}-01", **otlp_env(receiver))
+    assert t.finish() == 0, t.stderr
+    assert proc.wait(30) == 0
+    assert "1 outbound requests carried a traceparent" in t.stderr, t.stderr
+    truth = parse(out.text())
+    assert [(r.target, r.status) for r in truth.requests] == [("/work?n=5&mode=x", 200), ("/missing", 404),
+                                                               ("/work?n=2", 200)]
+    received = receiver.wait_for_spans(5)  # 3 curl_easy_perform calls, 2 CLIENT spans
+    performs = {s.span_id: s for _, s in received if s.name == "curl_easy_perform"}
+    clients = [s for _, s in received if s.kind == s.SPAN_KIND_CLIENT]
+    assert len(performs) == 3 and len(clients) == 2, [(s.name, s.kind) for _, s in received]
+    assert {s.trace_id.hex() for s in performs.values()} == {trace_id}
+    for request, client in zip(truth.requests, sorted(clients, key=lambda s: s.start_time_unix_nano)):
+        attrs = attributes(client)
+        assert client.trace_id.hex() == trace_id and client.parent_span_id in performs, "under its curl call"
+        caller = performs[client.parent_span_id]
+        assert caller.start_time_unix_nano <= client.start_time_unix_nano <= client.end_time_unix_nano <= (
+            caller.end_time_unix_nano), "within its caller (one clock: exact)"
+        query = "?n=REDACTED&mode=REDACTED" if request.query else ""
+        assert (client.name, attrs["url.full"], attrs["http.response.status_code"]) == (
+            "GET", f"{base}{request.path}{query}", request.status)
+        assert (attrs["server.address"], attrs["server.port"], attrs["network.peer.port"]) == ("127.0.0.1", port, port)
+        assert attrs.get("error.type") == ("404" if request.status == 404 else None)
+        # The server read the request after curl wrote it, and answered before curl read the answer.
+        assert client.start_time_unix_nano - CLOCK_SLACK_NS <= request.start
+        assert request.end <= client.end_time_unix_nano + CLOCK_SLACK_NS

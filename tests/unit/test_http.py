@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from otel_ebpf.kernel import layout
 from otel_ebpf.protocols.http1 import (
     KNOWN_METHODS,
+    client_span_attributes,
     next_request_at,
     parse_request,
     parse_response,
@@ -742,3 +743,14 @@ def test_ground_truth_rejects_malformed_lines(parser, text):
 ])
 def test_where_a_pipelined_request_begins(data, at):
     assert next_request_at(data) == at
+
+
+def test_client_span_attributes_keep_the_query_keys_only():
+    req = parse_request(b"GET /search?q=secret&flag HTTP/1.1\r\nHost: api.example:8443\r\n\r\n")
+    attrs = client_span_attributes(req, 503, ("10.0.0.9", 8443), tls=True)
+    assert attrs == {"http.request.method": "GET", "server.address": "api.example", "server.port": 8443,
+                     "url.full": "https://api.example:8443/search?q=REDACTED&flag", "http.response.status_code": 503,
+                     "error.type": "503", "network.peer.address": "10.0.0.9", "network.peer.port": 8443,
+                     "network.protocol.version": "1.1"}
+    no_host = parse_request(b"GET / HTTP/1.0\r\n\r\n")
+    assert client_span_attributes(no_host, 404, ("::1", 80), tls=False)["url.full"] == "http://[::1]:80/"
