@@ -8,6 +8,11 @@
  * both. A thread serves the request it last read, until it has written some of the response and then
  * waits for events or reads again, or the connection closes; probed calls there are its children.
  *
+ * A connection whose first read is HTTP/2's client preface has its reads and writes handed over whole (as far
+ * as HTTP2_CAPTURE goes) for user space to follow its frames. A socket the process connects carries outbound
+ * requests: a write that starts like one begins a CLIENT span, the child of the thread's innermost probed call
+ * in flight (current_context), and the reads of its response go to user space like a server's writes.
+ *
  * The LRU maps' entries are put in and taken out through the helpers below, which count both: user space
  * tells from the counts what was pushed out to make room. */
 
@@ -252,6 +257,24 @@ static __always_inline __u32 read_tail(struct pending_io *io, __u64 ret, __u8 *t
 	return n;
 }
 
+/* The first bytes of a request at `buf` (`length` of them there), as many as a notice keeps: how many. */
+static __always_inline __u32 copy_request_head(__u8 *data, __u64 buf, __u64 length)
+{
+	__u32 n = length < HTTP_REQUEST_CAPTURE ? length : HTTP_REQUEST_CAPTURE;
+	asm volatile("" : "+r"(n));
+	if (n > HTTP_REQUEST_CAPTURE)
+		n = HTTP_REQUEST_CAPTURE;
+	return bpf_probe_read_user(data, n, (void *)buf) ? 0 : n;
+}
+
+/* The process_seq of the current process, 0 if it is not followed. */
+static __always_inline __u32 current_seq(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct process_info *info = processes.lookup(&tgid);
+	return info ? info->seq : 0;
+}
+
 /* `held`: bytes of the socket's previous read that begin the request (socket_info.held). */
 static __always_inline void send_request_notice(struct request_context *request, struct socket_info *sock,
 						__u64 buf, __u64 length, __u32 read, __u16 flags, __u32 held)
@@ -264,12 +287,7 @@ static __always_inline void send_request_notice(struct request_context *request,
 		count(COUNTER_NOTICES_LOST);
 		return;
 	}
-	__u32 n = length < HTTP_REQUEST_CAPTURE ? length : HTTP_REQUEST_CAPTURE;
-	asm volatile("" : "+r"(n));
-	if (n > HTTP_REQUEST_CAPTURE)
-		n = HTTP_REQUEST_CAPTURE;
-	if (bpf_probe_read_user(event->data, n, (void *)buf))
-		n = 0;
+	__u32 n = copy_request_head(event->data, buf, length);
 	event->header.kind = NOTICE_HTTP_REQUEST;
 	event->header.length = sizeof(*event);
 	event->fd = request->fd;
@@ -291,9 +309,7 @@ static __always_inline void send_request_notice(struct request_context *request,
 	event->held_length = held;
 	__u32 held_bytes = held ? sock->held : 0;
 	__builtin_memcpy(event->held, &held_bytes, sizeof(event->held));
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct process_info *info = processes.lookup(&tgid);
-	event->process_seq = info ? info->seq : 0;
+	event->process_seq = current_seq();
 	notices.ringbuf_submit(event, 0);
 }
 
@@ -357,9 +373,7 @@ static __always_inline void send_http2_notice(struct socket_info *sock, struct p
 	event->fd = io->fd;
 	event->pid = ns_ids.tgid;
 	event->tid = ns_ids.pid;
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct process_info *info = processes.lookup(&tgid);
-	event->process_seq = info ? info->seq : 0;
+	event->process_seq = current_seq();
 	event->ns = ns;
 	event->length = ret;
 	event->direction = direction;
@@ -570,20 +584,13 @@ static __always_inline void request_written(__u64 id, struct socket_info *sock, 
 		count(COUNTER_NOTICES_LOST);
 		return;
 	}
-	__u32 n = length < HTTP_REQUEST_CAPTURE ? length : HTTP_REQUEST_CAPTURE;
-	asm volatile("" : "+r"(n));
-	if (n > HTTP_REQUEST_CAPTURE)
-		n = HTTP_REQUEST_CAPTURE;
-	if (bpf_probe_read_user(event->data, n, (void *)buf))
-		n = 0;
+	__u32 n = copy_request_head(event->data, buf, length);
 	event->header.kind = NOTICE_HTTP_CLIENT;
 	event->header.length = sizeof(*event);
 	event->fd = io->fd;
 	event->pid = ns.tgid;
 	event->tid = ns.pid;
-	__u32 tgid = id >> 32;
-	struct process_info *info = processes.lookup(&tgid);
-	event->process_seq = info ? info->seq : 0;
+	event->process_seq = current_seq();
 	event->start_ns = end_ns;
 	event->trace_id[0] = outbound.trace_id[0];
 	event->trace_id[1] = outbound.trace_id[1];

@@ -8,9 +8,9 @@ of the request, the spans of requests the sampler drops are dropped, and those o
 after all lose their parent. The SERVER span ends at the write that completes its response (http1.ResponseFraming),
 else at the connection's next request or its close. Requests pipelined behind it in the same reads are only seen
 here: each gets a SERVER span of its own once the one before it was answered, and the calls that the kernel put in
-the first request's trace after that answer move to it (_Splits). HTTP/2 connections (protocols/http2.py) give
-each stream a SERVER span of its own, gRPC's named by its method (protocols/grpc.py); no probed call is linked to
-them (streams share the threads that serve them). Notices are read before the spans they explain
+the first request's trace after that answer move to it (_Splits). HTTP/2 connections give each stream a SERVER span of its
+own (http2_servers.py); no probed call is linked to them. Outbound requests become CLIENT spans, placed in the
+trace their parent span ends up in. Notices are read before the spans they explain
 (session.py), so a request is always known before the calls that serve it. All of it works on whole arrays of
 spans: a batch with no such span costs one comparison.
 """
@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from otel_ebpf.protocols import grpc, http1, http2
-from otel_ebpf.tracecontext import SpanContext, parse_traceparent
+from otel_ebpf.http2_servers import Http2Servers
+from otel_ebpf.protocols import http1
+from otel_ebpf.tracecontext import SpanContext
 from otel_ebpf.kernel import layout
 from otel_ebpf.otlp.encode import SPAN_KIND_CLIENT, ServerSpan, SpanChunk, process_key
 from otel_ebpf.processes import ProcessRegistry
@@ -40,7 +40,6 @@ _TRACE_LOW = layout.SPAN_RECORD_DTYPE.fields["trace_id"][1] // 8  # the trace id
 _PARENT = layout.SPAN_RECORD_DTYPE.fields["parent_span_id"][1] // 8
 _PID = layout.SPAN_RECORD_DTYPE.fields["pid"][1] // 8
 _FLAGS = layout.SPAN_RECORD_DTYPE.fields["flags"][1] // 4
-_log = logging.getLogger("otel_ebpf.correlation")
 
 
 @dataclass(slots=True)
@@ -174,10 +173,7 @@ class Correlator:
         self._splits = _Splits(MAX_TRACKED)
         # Processes whose TRACEPARENT only user space knows (found without their exec seen): by process key.
         self._user_parents: dict[int, SpanContext] = {}
-        # HTTP/2 connections by (pid, fd), with the notice of their first read (process, addresses).
-        self._http2: collections.OrderedDict[tuple[int, int], tuple[http2.Connection, layout.Http2Notice]] = (
-            collections.OrderedDict())
-        self.http2_broken = 0  # HTTP/2 connections that could not be followed to their end
+        self.http2 = Http2Servers(registry, sample_root, parent_based)
         self._clients: collections.OrderedDict[bytes, _Outbound] = collections.OrderedDict()  # by CLIENT span id
         self._client_connections: dict[tuple[int, int], bytes] = {}
         self.client_spans_owned = 0  # outbound requests with a traceparent: the program's own CLIENT spans
@@ -197,7 +193,7 @@ class Correlator:
             elif isinstance(notice, layout.HttpClientNotice):
                 out.extend(self._outbound(notice))
             elif isinstance(notice, layout.Http2Notice):
-                out.extend(self._http2_io(notice))
+                out.extend(self.http2.io(notice))
             elif isinstance(notice, layout.FdsClosedNotice):
                 closed = [key for (pid, fd), key in self._connections.items()
                           if pid == notice.pid and notice.first <= fd <= notice.last]
@@ -206,62 +202,7 @@ class Correlator:
                 for key in [key for (pid, fd), key in self._client_connections.items()
                             if pid == notice.pid and notice.first <= fd <= notice.last]:
                     out.extend(self._client_done(key, notice.end_ns))
-                for pid, fd in [c for c in self._http2 if c[0] == notice.pid and notice.first <= c[1] <= notice.last]:
-                    connection, first = self._http2.pop((pid, fd))
-                    out.extend(self._stream_spans(connection.close(notice.end_ns), first))
-        return out
-
-    def _http2_io(self, notice: layout.Http2Notice) -> list[ServerSpan]:
-        """A read or write of an HTTP/2 connection, or its close: the streams it completed, as SERVER spans."""
-        key = (notice.pid, notice.fd)
-        if notice.direction == layout.HTTP2_CLOSED:
-            connection, first = self._http2.pop(key, (None, None))
-            return self._stream_spans(connection.close(notice.ns), first) if connection else []
-        connection, first = self._http2.get(key, (None, notice))
-        if connection is None:
-            connection = http2.Connection()
-            self._http2[key] = connection, notice
-            while len(self._http2) > MAX_TRACKED:
-                self._http2.popitem(last=False)
-            if not notice.data.startswith(http2.PREFACE[:len(notice.data)]):
-                connection.feed(False, b"", 1, notice.ns, notice.tid)  # its start was not seen: broken
-        was_broken = connection.broken
-        streams = connection.feed(notice.direction == layout.HTTP2_SENT, notice.data, notice.length, notice.ns,
-                                  notice.tid)
-        if connection.broken and not was_broken:
-            self.http2_broken += 1
-            if self.http2_broken == 1:
-                _log.warning("an HTTP/2 connection of pid %d could not be followed (a frame header or header block "
-                             "was not seen: more than %d bytes in one read or write, or lost to a full ring buffer); "
-                             "its requests are not reported, nor those of others like it", notice.pid,
-                             layout.HTTP2_CAPTURE)
-        return self._stream_spans(streams, first)
-
-    def _stream_spans(self, streams: list[http2.Stream], notice: layout.Http2Notice) -> list[ServerSpan]:
-        """SERVER spans of finished HTTP/2 streams, in their callers' traces, as the sampler decides. `notice`: the
-        connection's first, which tells its process and addresses."""
-        out = []
-        for stream in streams:
-            headers = stream.headers
-            parent = parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
-            trace_id = parent.trace_id if parent else os.urandom(16)
-            if not (parent.sampled if parent and self._parent_based else self._sample_root(trace_id)):
-                continue
-            peer, local = notice.peer, notice.local
-            if grpc.is_grpc(stream):
-                name, attributes = grpc.server_span(stream, peer, local)
-            else:
-                scheme = headers.get(":scheme") or ("https" if notice.tls else "http")
-                fields = {k: v for k, v in headers.items() if not k.startswith(":")}
-                fields.setdefault("host", headers.get(":authority", ""))
-                request = dataclasses.replace(http1.request_from(headers.get(":method", ""), headers.get(":path", ""),
-                                                                 "2", fields), scheme=scheme)
-                name, attributes = http1.server_span_name(request), http1.server_span_attributes(
-                    request, stream.status, local, peer)
-            key = int(process_key(notice.pid, notice.process_seq))
-            out.append(ServerSpan(key, self.registry.resource(key), stream.tid, trace_id, os.urandom(8),
-                                  parent.span_id if parent else None, parent.tracestate if parent else "",
-                                  stream.start_ns, stream.end_ns, name, attributes))
+                out.extend(self.http2.closed(notice.pid, notice.first, notice.last, notice.end_ns))
         return out
 
     def spans(self, records: np.ndarray) -> SpanChunk:

@@ -232,8 +232,8 @@ class Session:
             evicted = self.program.evicted(kernel)
             if evicted:
                 counters["otel_ebpf.http.evicted"] = {f"{name}_map_full": n for name, n in evicted.items()}
-            if self.correlator.http2_broken:
-                counters["otel_ebpf.http2.unfollowed"] = {"frames_unseen": self.correlator.http2_broken}
+            if self.correlator.http2.broken:
+                counters["otel_ebpf.http2.unfollowed"] = {"frames_unseen": self.correlator.http2.broken}
             counters["otel_ebpf.call_stacks"] = {"": self.program.call_stacks()}
             return latencies, counters
 
@@ -361,8 +361,8 @@ class Session:
         if self.correlator.client_spans_owned:
             line += (f"; {self.correlator.client_spans_owned} outbound requests carried a traceparent (the "
                      "program's own CLIENT spans), none made for them")
-        if self.correlator.http2_broken:
-            line += (f"; {self.correlator.http2_broken} HTTP/2 connections could not be followed (frames not all "
+        if self.correlator.http2.broken:
+            line += (f"; {self.correlator.http2.broken} HTTP/2 connections could not be followed (frames not all "
                      "seen), their requests not reported")
         if stats["spooled"]:
             line += f"; {stats['spooled']} spans kept in {settings.spool_dir} for the next run"

@@ -263,12 +263,7 @@ def server_span_attributes(req: Request, status: int | None, local: Address | No
     """
     forwarded = _forwarded(req.headers.get("forwarded"))
     scheme = (forwarded.get("proto") or _first(req.headers.get("x-forwarded-proto")) or req.scheme or "http").lower()
-    attrs: dict[str, str | int] = {}
-    if req.method in KNOWN_METHODS:
-        attrs["http.request.method"] = req.method
-    else:
-        attrs["http.request.method"] = "_OTHER"
-        attrs["http.request.method_original"] = req.method
+    attrs = _method(req)
     if req.path:
         attrs["url.path"] = req.path
     if req.query is not None:
@@ -301,12 +296,7 @@ def client_span_attributes(req: Request, status: int | None, peer: Address | Non
                            tls: bool) -> dict[str, str | int]:
     """Attributes of the HTTP client span (semantic conventions, stable HTTP). url.full carries the query's
     keys, never its values. `error.type` is present exactly when the status is an error: 4xx or 5xx."""
-    attrs: dict[str, str | int] = {}
-    if req.method in KNOWN_METHODS:
-        attrs["http.request.method"] = req.method
-    else:
-        attrs["http.request.method"] = "_OTHER"
-        attrs["http.request.method_original"] = req.method
+    attrs = _method(req)
     scheme = req.scheme or ("https" if tls else "http")
     host, port = split_host_port(req.authority) if req.authority else (peer or (None, None))
     if host:
@@ -329,6 +319,13 @@ def client_span_attributes(req: Request, status: int | None, peer: Address | Non
 def _authority(host: str, port: int | None) -> str:
     host = f"[{host}]" if ":" in host else host
     return host if port is None else f"{host}:{port}"
+
+
+def _method(req: Request) -> dict[str, str | int]:
+    """http.request.method as the conventions name it: a method they do not know is _OTHER."""
+    if req.method in KNOWN_METHODS:
+        return {"http.request.method": req.method}
+    return {"http.request.method": "_OTHER", "http.request.method_original": req.method}
 
 
 def _first(value: str | None) -> str | None:
