@@ -176,23 +176,17 @@ static __always_inline void remember_read(int fd, const void *buf, __u32 op)
 		remember_io(fd, buf, op);
 }
 
-/* The socket `conn` if it is an HTTP/2 connection. */
-static __always_inline struct socket_info *http2_socket(struct connection_key *conn)
-{
-	struct socket_info *sock = sockets.lookup(conn);
-	return sock && sock->protocol == SOCKET_HTTP2 ? sock : NULL;
-}
-
 /* Writes are kept only on connections with a request in flight, HTTP/2 connections and connected sockets. */
 static __always_inline void remember_write(int fd, const void *buf, __u32 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct connection_key conn = {.tgid = id >> 32, .fd = fd};
-	struct socket_info *sock = requests.lookup(&conn) ? NULL : sockets.lookup(&conn);
-	if (sock && sock->protocol == SOCKET_HTTP1)
-		return;
-	if (sock || requests.lookup(&conn))
-		remember_io(fd, buf, inside_tls_call(id, fd) ? IO_TLS_WRITE : op);
+	if (!requests.lookup(&conn)) {
+		struct socket_info *sock = sockets.lookup(&conn);
+		if (!sock || sock->protocol == SOCKET_HTTP1)
+			return;
+	}
+	remember_io(fd, buf, inside_tls_call(id, fd) ? IO_TLS_WRITE : op);
 }
 
 /* The arguments remembered at the syscall's entry, if they are of one of ops [first, last]: each serves one
@@ -845,9 +839,9 @@ static __always_inline void inherit_request(__u32 tgid, __u32 child_tid)
 static __always_inline void close_connection(__u32 tgid, __u32 fd)
 {
 	struct connection_key conn = {.tgid = tgid, .fd = fd};
-	struct socket_info *sock = http2_socket(&conn);
+	struct socket_info *sock = sockets.lookup(&conn);
 	struct pending_io none = {.fd = fd, .op = IO_SENDFILE};
-	if (sock)
+	if (sock && sock->protocol == SOCKET_HTTP2)
 		send_http2_notice(sock, &none, 0, HTTP2_CLOSED, 0, bpf_ktime_get_ns());
 	struct request_context *outbound = client_requests.lookup(&conn);
 	if (outbound) {
