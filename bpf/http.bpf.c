@@ -251,6 +251,16 @@ static __always_inline __u32 read_tail(struct pending_io *io, __u64 ret, __u8 *t
 	return n;
 }
 
+/* The g of the goroutine making the current syscall of a Go program: r14 under Go's register ABI, in the user
+ * registers the syscall saved. */
+static __always_inline __u64 current_goroutine(void)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	__u64 g = 0;
+	bpf_probe_read_kernel(&g, sizeof(g), &regs->r14);
+	return g;
+}
+
 /* The first bytes of a request at `buf` (`length` of them there), as many as a notice keeps: how many. */
 static __always_inline __u32 copy_request_head(__u8 *data, __u64 buf, __u64 length)
 {
@@ -453,8 +463,14 @@ static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 
 #else
 	fresh.sampled = sample_root(fresh.trace_id[1]);
 #endif
+	if (info->flags & PROCESS_GO)
+		fresh.goroutine = current_goroutine();
 	send_request_notice(&fresh, sock, buf, length, 0, flags, held);
 	keep_request(&conn, &fresh);
+	if (fresh.goroutine) {
+		struct stack_key serving = {.goroutine = fresh.goroutine, .tgid = tgid};
+		goroutine_requests.update(&serving, &fresh);
+	}
 	serve_request(&id, &fresh);
 }
 
@@ -852,6 +868,10 @@ static __always_inline void close_connection(__u32 tgid, __u32 fd)
 	struct request_context *request = requests.lookup(&conn);
 	if (!request)
 		return;
+	if (request->goroutine) {
+		struct stack_key serving = {.goroutine = request->goroutine, .tgid = tgid};
+		goroutine_requests.delete(&serving);
+	}
 	send_response_notice(request, &none, 0, 1, bpf_ktime_get_ns());
 	struct request_context *serving = thread_requests.lookup(&request->thread);
 	if (serving && serving->span_id == request->span_id)

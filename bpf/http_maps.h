@@ -89,6 +89,12 @@ BPF_TABLE("lru_hash", struct connection_key, struct request_context, requests, M
  * response so far). LRU, what it pushes out is not counted: a response not seen ends the span at the close. */
 BPF_TABLE("lru_hash", struct connection_key, struct request_context, client_requests, MAX_THREADS);
 
+/* The request each goroutine of a Go program serves (key: goroutine, tgid, tid 0, as its call stack's): the
+ * goroutine that read it. Go's calls nest per goroutine, and goroutines move between threads, so the thread's
+ * request says nothing about them. Removed when the connection closes (the goroutine then exits and its g can
+ * be reused). */
+BPF_TABLE("lru_hash", struct stack_key, struct request_context, goroutine_requests, MAX_THREADS);
+
 /* The request each thread is serving, by pid_tgid: probed calls starting there become its children. LRU,
  * pushing out is counted (COUNTER_THREAD_REQUESTS_*). */
 BPF_TABLE("lru_hash", __u64, struct request_context, thread_requests, MAX_THREADS);

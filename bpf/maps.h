@@ -55,6 +55,7 @@ struct process_info {
 #define PROCESS_PARENT_SAMPLED 2  /* ... and its sampled flag was set */
 #define PROCESS_ANNOUNCE 4        /* forked: not yet announced to user space (done in its own context) */
 #define PROCESS_AWAIT_EXEC 8      /* a COMMAND held before its exec: what runs until then is the tracer's own code */
+#define PROCESS_GO 16             /* a Go program (a probed Go function ran): its reads are made by goroutines */
 
 /* An HTTP request in flight on a connection, from the read that began it until the connection's next request
  * or its close (http_maps.h); the copy a thread serving it holds says whether that thread wrote a response. */
@@ -66,6 +67,7 @@ struct request_context {
 	__u32 fd;
 	__u32 reads;             /* reads of the request so far: later ones are sent while it has no response */
 	__u32 writes;            /* response writes so far (the thread's copy: 1 once that thread wrote) */
+	__u64 goroutine;         /* Go: the g that read it, which serves it (goroutine_requests) */
 };
 
 /* Finished calls, handed to user space (struct span_record). User space polls; the producer wakes it only

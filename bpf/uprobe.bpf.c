@@ -53,10 +53,12 @@ static __always_inline int find_frame(struct call_stack *stack, __u32 depth, __u
 	return -1;
 }
 
-/* The HTTP request the current thread is handling, if any. */
-static __always_inline struct request_context *current_request(void)
+/* The HTTP request the current thread (Go: goroutine) is handling, if any. */
+static __always_inline struct request_context *current_request(struct stack_key *key)
 {
 #ifdef HTTP_TRACING
+	if (key->goroutine)
+		return goroutine_requests.lookup(key);
 	__u64 id = bpf_get_current_pid_tgid();
 	return thread_requests.lookup(&id);
 #else
@@ -76,6 +78,8 @@ static __always_inline struct call_stack *new_stack(struct stack_key *key)
 	struct process_info *info = watch_current();
 	if (!info)
 		return NULL;
+	if (key->goroutine)
+		info->flags |= PROCESS_GO; /* its requests are read, and served, by goroutines */
 	__u32 zero = 0;
 	struct call_stack *empty = empty_stack.lookup(&zero);
 	if (!empty)
@@ -105,11 +109,11 @@ static __always_inline int stale_goroutine_stack(struct call_stack *stack, __u64
 	return !info || info->seq != stack->process_seq;
 }
 
-/* The outermost call in flight starts a trace: the HTTP request being served, the process's TRACEPARENT,
- * or a new one. Goroutines are not tied to the thread that read a request: Go calls are not linked to one. */
-static __always_inline void start_trace(struct call_stack *stack, __u64 cookie)
+/* The outermost call in flight starts a trace: the HTTP request being served (by the thread, or in Go by the
+ * goroutine that read it), the process's TRACEPARENT, or a new one. */
+static __always_inline void start_trace(struct call_stack *stack, struct stack_key *key)
 {
-	struct request_context *request = cookie & COOKIE_GO ? NULL : current_request();
+	struct request_context *request = current_request(key);
 	if (request) {
 		stack->trace_id[0] = request->trace_id[0];
 		stack->trace_id[1] = request->trace_id[1];
@@ -170,7 +174,7 @@ int otel_entry(struct pt_regs *ctx)
 		stack->goroutine_id = 0;
 		if (goid_offset)
 			bpf_probe_read_user(&stack->goroutine_id, sizeof(__u64), (void *)(key.goroutine + goid_offset));
-		start_trace(stack, cookie);
+		start_trace(stack, &key);
 	}
 	stack->frames[depth].start_ns = now;
 	stack->frames[depth].span_id = next_id(stack);

@@ -63,6 +63,7 @@ NOTICE_HTTP_CLIENT = 7
 PROCESS_HAS_PARENT = 1
 PROCESS_PARENT_SAMPLED = 2
 PROCESS_AWAIT_EXEC = 8
+PROCESS_GO = 16
 
 # enum counter, by slot: the names metrics and the summary use.
 COUNTERS = ("spans_lost", "depth_exceeded", "unmatched_return", "notices_lost", "wakeups",
