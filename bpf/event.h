@@ -36,6 +36,7 @@ struct span_record {
 #define COOKIE_GO (1ULL << 24)            /* Go code: calls nest per goroutine (see goroutine_key) */
 #define COOKIE_PROCESS_START (1ULL << 25) /* the entry point of a probed executable: watch the process */
 #define COOKIE_TLS (1ULL << 26)           /* OpenSSL's SSL_read & co. (http.bpf.c): the probe id is a TLS_* */
+#define COOKIE_SPAWN (1ULL << 27)         /* Go's runtime.newproc1 (http.bpf.c): a goroutine starts another */
 #define COOKIE_GOID_SHIFT 32              /* bits 32-47: offset of goid in runtime.g, 0 when unknown */
 /* Probe ids are below this: the latency map has one slot per probe id, per CPU (336 bytes each). */
 #define MAX_PROBES 1024

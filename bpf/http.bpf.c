@@ -261,6 +261,46 @@ static __always_inline __u64 current_goroutine(void)
 	return g;
 }
 
+/* runtime.newproc1(fn, callergp, callerpc, ...) begins: remember the creating goroutine (ABIInternal: its
+ * second argument is in rbx). */
+static __always_inline void spawn_entry(struct pt_regs *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u64 creator = ctx->bx;
+	spawning.update(&id, &creator);
+}
+
+/* runtime.newproc1 returns the new goroutine's g (rax): its calls start from the creator's innermost probed
+ * call in flight, else from the creator's own start (a request it serves, a call of its creator's). */
+static __always_inline void spawn_return(struct pt_regs *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u64 *creator = spawning.lookup(&id);
+	if (!creator)
+		return;
+	struct stack_key parent = {.goroutine = *creator, .tgid = id >> 32};
+	struct stack_key child = {.goroutine = ctx->ax, .tgid = id >> 32};
+	spawning.delete(&id);
+	struct request_context context = {};
+	struct call_stack *stack = call_stacks.lookup(&parent);
+	__u32 top = stack ? stack->depth - 1 : MAX_DEPTH;
+	asm volatile("" : "+r"(top));
+	struct request_context *inherited = goroutine_requests.lookup(&parent);
+	if (stack && top < MAX_DEPTH) {
+		context.trace_id[0] = stack->trace_id[0];
+		context.trace_id[1] = stack->trace_id[1];
+		context.sampled = stack->sampled;
+		context.span_id = stack->frames[top].span_id;
+	} else if (inherited) {
+		context = *inherited;
+		context.goroutine = 0; /* not the one that read it: the connection's close leaves this one */
+	} else {
+		goroutine_requests.delete(&child);
+		return;
+	}
+	goroutine_requests.update(&child, &context);
+}
+
 /* The first bytes of a request at `buf` (`length` of them there), as many as a notice keeps: how many. */
 static __always_inline __u32 copy_request_head(__u8 *data, __u64 buf, __u64 length)
 {

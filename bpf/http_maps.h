@@ -89,11 +89,18 @@ BPF_TABLE("lru_hash", struct connection_key, struct request_context, requests, M
  * response so far). LRU, what it pushes out is not counted: a response not seen ends the span at the close. */
 BPF_TABLE("lru_hash", struct connection_key, struct request_context, client_requests, MAX_THREADS);
 
-/* The request each goroutine of a Go program serves (key: goroutine, tgid, tid 0, as its call stack's): the
- * goroutine that read it. Go's calls nest per goroutine, and goroutines move between threads, so the thread's
- * request says nothing about them. Removed when the connection closes (the goroutine then exits and its g can
- * be reused). */
+/* Where the calls of each goroutine of a Go program start their trace (key: goroutine, tgid, tid 0, as its
+ * call stack's): the request it read, which it serves (removed when the connection closes: the goroutine then
+ * exits and its g can be reused), or, for a goroutine started while its creator had a probed call in flight or
+ * a request, that call (span_id) or request (set, or removed, at every runtime.newproc1: each g is reused
+ * through it). Go's calls nest per goroutine, and goroutines move between threads: a thread's request says
+ * nothing about them. */
 BPF_TABLE("lru_hash", struct stack_key, struct request_context, goroutine_requests, MAX_THREADS);
+
+/* The goroutine calling runtime.newproc1 on each thread (its callergp argument), from its entry to its
+ * return, where the new goroutine's g is known. Keyed by pid_tgid: newproc1 runs on the system stack, on one
+ * thread. */
+BPF_HASH(spawning, __u64, __u64, MAX_THREADS);
 
 /* The request each thread is serving, by pid_tgid: probed calls starting there become its children. LRU,
  * pushing out is counted (COUNTER_THREAD_REQUESTS_*). */

@@ -143,10 +143,14 @@ int otel_entry(struct pt_regs *ctx)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__u64 cookie = bpf_get_attach_cookie(ctx);
-	if (cookie & (COOKIE_PROCESS_START | COOKIE_TLS)) {
+	if (cookie & (COOKIE_PROCESS_START | COOKIE_TLS | COOKIE_SPAWN)) {
 #ifdef HTTP_TRACING
 		if (cookie & COOKIE_TLS) {
 			tls_entry(ctx, cookie);
+			return 0;
+		}
+		if (cookie & COOKIE_SPAWN) {
+			spawn_entry(ctx);
 			return 0;
 		}
 #endif
@@ -190,6 +194,10 @@ int otel_return(struct pt_regs *ctx)
 #ifdef HTTP_TRACING
 	if (cookie & COOKIE_TLS) {
 		tls_return(ctx);
+		return 0;
+	}
+	if (cookie & COOKIE_SPAWN) {
+		spawn_return(ctx);
 		return 0;
 	}
 #endif

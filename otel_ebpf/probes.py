@@ -14,9 +14,13 @@ from elftools.elf.elffile import ELFFile
 
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel.attach import Kind, Site
-from otel_ebpf.kernel.layout import COOKIE_GO, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START, MAX_PROBES
+from otel_ebpf import symbols
+from otel_ebpf.kernel.layout import COOKIE_GO, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START, COOKIE_SPAWN, MAX_PROBES
 from otel_ebpf.otlp.encode import ProbeInfo
 from otel_ebpf.symbols import FunctionSymbol, golang
+
+# Where Go starts every goroutine: with it probed, a goroutine's calls start where its creator was.
+SPAWN_FUNCTION = "runtime.newproc1"
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,16 @@ def plan_matches(binary: str, matches: list[tuple[str, list[FunctionSymbol]]], s
     selection = golang.select_traceable(binary, matches, shown_as or binary)
     return ([Probe(binary, f, shape.entry, shape.returns, goid_offset, shown_as) for f, shape in selection.traceable],
             selection.warning)
+
+
+def spawn_sites(binary: str) -> list[Site]:
+    """Uprobes on a Go binary's runtime.newproc1, entry and returns (COOKIE_SPAWN, see bpf/http.bpf.c); none
+    when it has none that can be traced."""
+    try:
+        probes, _ = plan_matches(binary, symbols.resolve_each(binary, [SPAWN_FUNCTION]))
+    except UserError:
+        return []
+    return [Site(site.offset, site.kind, COOKIE_SPAWN) for probe in probes for site in probe.sites(0)]
 
 
 _DF_1_PIE = 0x08000000  # DT_FLAGS_1: a position-independent executable, not a library

@@ -169,13 +169,15 @@ def traced_parent(truth: GroundTruth, call: Call, traced: Callable[[Call], bool]
 Shape = tuple  # (function name, sorted tuple of the children's shapes)
 
 
-def call_shapes(truth: GroundTruth, traced: Callable[[Call], bool]) -> Counter:
+def call_shapes(truth: GroundTruth, traced: Callable[[Call], bool],
+                creator: Callable[[Call], Call | None] = lambda call: None) -> Counter:
     """The tree of traced calls under each traced call that has no traced caller, as comparable values: what the
-    traces must look like when spans cannot be paired with calls one by one (no goroutine id to group by)."""
+    traces must look like when spans cannot be paired with calls one by one (no goroutine id to group by).
+    `creator`: for a call without one on its thread (goroutine), the call of another it belongs under."""
     children, roots = defaultdict(list), []
     for call in truth.calls:
         if traced(call):
-            parent = traced_parent(truth, call, traced)
+            parent = traced_parent(truth, call, traced) or creator(call)
             (children[(parent.tid, parent.seq)] if parent else roots).append(call)
 
     def shape(call: Call) -> Shape:

@@ -32,6 +32,20 @@ def every_call(call) -> bool:
     return True
 
 
+def fan_out_of(truth):
+    """For `goapp work`, whose requests run one after the other: the main.(*Server).fanOut call that started
+    each main.work call's goroutine (the one in flight when it began), as runtime.newproc1 tells the kernel."""
+    fan_outs = [c for c in truth.calls if c.fn == "main.(*Server).fanOut"]
+
+    def creator(call):
+        if call.fn != "main.work":
+            return None
+        (fan_out,) = [f for f in fan_outs if f.start <= call.start <= f.end]
+        return fan_out
+
+    return creator
+
+
 def traces_to(receiver) -> dict[str, str]:
     return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.http_endpoint}
 
@@ -62,8 +76,9 @@ def deep_chains(spans) -> Counter:
 @pytest.mark.parametrize("binary, group_by", [(GOAPP, GOROUTINE), (GOAPP_STRIPPED, None)],
                          ids=["symtab", "stripped"])
 def test_work_every_call_becomes_one_correct_span(tracer, receiver, binary, group_by):
-    """One span per call with the program's own timing inside it, nested per goroutine. The stripped binary has
-    no DWARF to find the goroutine id in, so its spans carry none: counts and trace shapes must still agree."""
+    """One span per call with the program's own timing inside it, nested per goroutine, a goroutine's first call
+    under the fanOut call that started it. The stripped binary has no DWARF to find the goroutine id in, so its
+    spans carry none: counts and trace shapes must still agree."""
     requests = 8
     t = tracer(["trace", str(binary), *GO_TRACED_FUNCTIONS, "--", str(binary), "work", str(requests)],
                **traces_to(receiver))
@@ -75,10 +90,18 @@ def test_work_every_call_becomes_one_correct_span(tracer, receiver, binary, grou
     spans = function_spans(received, truth.pid)
     assert len(received) == len(spans) == truth.done
     assert Counter(s.name for _, s in spans) == expected
-    assert span_shapes(spans) == call_shapes(truth, every_call)
+    creator = fan_out_of(truth)
+    assert span_shapes(spans) == call_shapes(truth, every_call, creator)
     assert deep_chains(spans) == {GO_DEEP_LEVELS + 1: expected["main.work"]}
     if group_by:
-        check_tree(match(spans, truth, every_call, group_by, BUSY_OVERHEAD_SLACK_NS), truth)
+        matched = match(spans, truth, every_call, group_by, BUSY_OVERHEAD_SLACK_NS)
+
+        def started_by(call):
+            fan_out = creator(call)
+            span = fan_out and matched[(fan_out.tid, fan_out.seq)][1]
+            return (span.trace_id, span.span_id) if span else None
+
+        check_tree(matched, truth, started_by)
     else:
         assert not [s for _, s in spans if GOROUTINE in attributes(s)]
     assert shutdown_summary(t.stderr) == (truth.done, 0)
@@ -170,15 +193,20 @@ def test_server_survives_concurrent_load_and_every_call_is_a_span(tracer, receiv
     assert Counter(s.name for _, s in spans) == Counter(c.fn for c in truth.calls), "spans != calls"
     matched = match(spans, truth, every_call, group_by=GOROUTINE, overhead_slack_ns=LOAD_OVERHEAD_SLACK_NS)
     servers = {s.span_id: s for _, s in received if s.kind == s.SPAN_KIND_SERVER}
+    fan_outs = {s.span_id: s for _, s in received if s.name == "main.(*Server).fanOut"}
 
     def request_context(call):
-        """A handler with no probed caller may be the child of a SERVER span (OTEL_EBPF_HTTP, on by default);
-        whether it is the right one is test_handler_spans_are_children_of_the_request_they_serve's business."""
+        """A handler with no probed caller may be the child of a SERVER span (OTEL_EBPF_HTTP, on by default), a
+        goroutine's first call the child of the fanOut that started it, in flight around it; whether they are
+        the right ones is test_go_handlers_are_children_of_the_request_their_goroutine_read's business."""
         span = matched[(call.tid, call.seq)][1]
         if not span.parent_span_id:
             return None
-        assert span.parent_span_id in servers, f"{call}: its parent is neither a probed call nor a SERVER span"
-        return servers[span.parent_span_id].trace_id, span.parent_span_id
+        parent = servers.get(span.parent_span_id) or fan_outs.get(span.parent_span_id)
+        assert parent is not None, f"{call}: its parent is neither a probed call nor a SERVER span nor a fanOut"
+        assert parent.start_time_unix_nano <= span.start_time_unix_nano and (
+            span.end_time_unix_nano <= parent.end_time_unix_nano), f"{call}: outside its parent"
+        return parent.trace_id, span.parent_span_id
 
     check_tree(matched, truth, request_context)
     if mode == "pid":  # system-wide, the summary also counts other tests' goapp processes
@@ -191,7 +219,7 @@ def test_go_handlers_are_children_of_the_request_their_goroutine_read(tracer, re
     since goroutines hop between threads (a link kept per thread handed one request's context to another's
     goroutine). Under concurrent load: every handler but the first (read before the first probed Go call told
     the kernel the process is Go) is under one SERVER span, one each, within its time; the goroutines the
-    handler starts are roots still. Every request has its SERVER span, keep-alive ones too: once it answered,
+    handler starts have their calls under the call that started them. Every request has its SERVER span, keep-alive ones too: once it answered,
     net/http reads one byte in the background, which takes the first byte of a request that comes before that
     read is called off (seen: 12 of 400 requests here); the kernel joins it to the next read."""
     truth, received, _ = serve_under_load(tracer, receiver, program, "pid")
@@ -206,7 +234,13 @@ def test_go_handlers_are_children_of_the_request_their_goroutine_read(tracer, re
         assert server.trace_id == handler.trace_id
         assert server.start_time_unix_nano <= handler.start_time_unix_nano, "a handler before its request"
         assert handler.end_time_unix_nano <= server.end_time_unix_nano, "a handler after its response"
-    assert all(s.parent_span_id == b"" for _, s in received if s.name == "main.work"), "goroutines it starts"
+    # The goroutines fanOut starts: their work is its child (runtime.newproc1), in the request's trace.
+    fan_outs = {s.span_id: s for _, s in received if s.name == "main.(*Server).fanOut"}
+    for work in [s for _, s in received if s.name == "main.work"]:
+        fan_out = fan_outs[work.parent_span_id]
+        assert work.trace_id == fan_out.trace_id
+        assert fan_out.start_time_unix_nano <= work.start_time_unix_nano <= work.end_time_unix_nano <= (
+            fan_out.end_time_unix_nano)
 
 
 @pytest.mark.parametrize("function, reason", [

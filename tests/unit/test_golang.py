@@ -16,6 +16,9 @@ from elftools.elf.elffile import ELFFile
 
 from otel_ebpf import symbols
 from otel_ebpf.errors import UserError
+from otel_ebpf.kernel.attach import Kind
+from otel_ebpf.kernel.layout import COOKIE_SPAWN
+from otel_ebpf.probes import spawn_sites
 from otel_ebpf.symbols import golang
 from tests.ground_truth import (GO_TRACED_FUNCTIONS, GOAPP, GOAPP_STRIPPED, LIBGREET, NESTED, build_examples,
                                 expected_go_counts, parse)
@@ -349,3 +352,15 @@ def test_symbols_command_marks_what_cannot_be_traced(tmp_path):
     selection = golang.select_traceable(str(GOAPP_STRIPPED), symbols.resolve_each(str(GOAPP_STRIPPED), ["runtime.m*"]))
     assert marked == {r.function.demangled: r.why for r in selection.refused}
     assert len(result.stdout.splitlines()) == len(selection.refused) + len(selection.traceable)
+
+
+@pytest.mark.parametrize("binary", GO_BUILDS, ids=["symtab", "stripped"])
+def test_runtime_newproc1_gets_an_entry_and_every_return(binary):
+    """Where goroutines start (bpf/http.bpf.c spawn_entry/spawn_return): one entry site, one per ret, all with
+    COOKIE_SPAWN and no probe id; a C binary has none."""
+    sites = spawn_sites(str(binary))
+    (function,) = symbols.resolve(str(binary), ["runtime.newproc1"])
+    assert [s.kind for s in sites].count(Kind.ENTRY) == 1 and Kind.RETURN_SITE in {s.kind for s in sites}
+    assert all(s.cookie == COOKIE_SPAWN for s in sites)
+    assert all(function.offset <= s.offset < function.offset + function.size for s in sites)
+    assert spawn_sites(str(NESTED)) == []
