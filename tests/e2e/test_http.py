@@ -278,6 +278,7 @@ def test_outbound_requests_become_client_spans(tracer, receiver, server):
             "GET", f"{base}{request.path}{query}", request.status)
         assert (attrs["server.address"], attrs["server.port"], attrs["network.peer.port"]) == ("127.0.0.1", port, port)
         assert attrs.get("error.type") == ("404" if request.status == 404 else None)
-        # The server read the request after curl wrote it, and answered before curl read the answer.
-        assert client.start_time_unix_nano - CLOCK_SLACK_NS <= request.start
-        assert request.end <= client.end_time_unix_nano + CLOCK_SLACK_NS
+        # The answer curl read came after the server had read the request (the server's clock reading after its
+        # read): the CLIENT span ends at the response, not at the request's write. The other readings bound
+        # nothing: a woken server may run before curl's own write returns, and curl before the server's clock.
+        assert request.start <= client.end_time_unix_nano + CLOCK_SLACK_NS
