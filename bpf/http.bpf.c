@@ -261,6 +261,24 @@ static __always_inline __u64 current_goroutine(void)
 	return g;
 }
 
+/* The innermost probed call in flight on `stack` (NULL: none), as a context: its trace, sampled, span_id. */
+static __always_inline struct frame *innermost_call(struct call_stack *stack, struct request_context *context)
+{
+	if (!stack || !stack->depth)
+		return NULL;
+	__u32 top = stack->depth - 1;
+	if (top > MAX_DEPTH - 1)
+		top = MAX_DEPTH - 1; /* deeper calls are not recorded: the deepest that is */
+	asm volatile("" : "+r"(top));
+	if (top >= MAX_DEPTH)
+		return NULL;
+	context->trace_id[0] = stack->trace_id[0];
+	context->trace_id[1] = stack->trace_id[1];
+	context->sampled = stack->sampled;
+	context->span_id = stack->frames[top].span_id;
+	return &stack->frames[top];
+}
+
 /* runtime.newproc1(fn, callergp, callerpc, ...) begins: remember the creating goroutine (ABIInternal: its
  * second argument is in rbx). */
 static __always_inline void spawn_entry(struct pt_regs *ctx)
@@ -282,21 +300,14 @@ static __always_inline void spawn_return(struct pt_regs *ctx)
 	struct stack_key child = {.goroutine = ctx->ax, .tgid = id >> 32};
 	spawning.delete(&id);
 	struct request_context context = {};
-	struct call_stack *stack = call_stacks.lookup(&parent);
-	__u32 top = stack ? stack->depth - 1 : MAX_DEPTH;
-	asm volatile("" : "+r"(top));
 	struct request_context *inherited = goroutine_requests.lookup(&parent);
-	if (stack && top < MAX_DEPTH) {
-		context.trace_id[0] = stack->trace_id[0];
-		context.trace_id[1] = stack->trace_id[1];
-		context.sampled = stack->sampled;
-		context.span_id = stack->frames[top].span_id;
-	} else if (inherited) {
+	if (!innermost_call(call_stacks.lookup(&parent), &context)) {
+		if (!inherited) {
+			goroutine_requests.delete(&child);
+			return;
+		}
 		context = *inherited;
 		context.goroutine = 0; /* not the one that read it: the connection's close leaves this one */
-	} else {
-		goroutine_requests.delete(&child);
-		return;
 	}
 	goroutine_requests.update(&child, &context);
 }
@@ -571,17 +582,12 @@ static __always_inline void send_response_notice(struct request_context *request
 static __always_inline int current_context(__u64 id, struct request_context *context, __u64 *parent)
 {
 	struct stack_key key = {.goroutine = 0, .tgid = id >> 32, .tid = (__u32)id};
-	struct call_stack *stack = call_stacks.lookup(&key);
-	__u32 top = stack ? stack->depth - 1 : MAX_DEPTH;
-	if (top > MAX_DEPTH - 1 && stack && stack->depth)
-		top = MAX_DEPTH - 1; /* deeper calls are not recorded: the deepest that is */
-	asm volatile("" : "+r"(top));
-	if (stack && top < MAX_DEPTH) {
-		context->trace_id[0] = stack->trace_id[0];
-		context->trace_id[1] = stack->trace_id[1];
-		context->sampled = stack->sampled;
-		*parent = stack->frames[top].span_id;
-		stack->frames[top].child_emitted = 1;
+	__u64 own = context->span_id;
+	struct frame *call = innermost_call(call_stacks.lookup(&key), context);
+	if (call) {
+		*parent = context->span_id;
+		context->span_id = own;
+		call->child_emitted = 1;
 		return 1;
 	}
 	struct request_context *serving = thread_requests.lookup(&id);
