@@ -36,7 +36,7 @@ struct span_record {
 #define COOKIE_GO (1ULL << 24)            /* Go code: calls nest per goroutine (see goroutine_key) */
 #define COOKIE_PROCESS_START (1ULL << 25) /* the entry point of a probed executable: watch the process */
 #define COOKIE_TLS (1ULL << 26)           /* OpenSSL's SSL_read & co. (http.bpf.c): the probe id is a TLS_* */
-#define COOKIE_SPAWN (1ULL << 27)         /* Go's runtime.newproc1 (http.bpf.c): a goroutine starts another */
+#define COOKIE_GO_HOOK (1ULL << 27)       /* Go's runtime and net/http (http.bpf.c): the probe id is a GO_HOOK_* */
 #define COOKIE_GOID_SHIFT 32              /* bits 32-47: offset of goid in runtime.g, 0 when unknown */
 /* Probe ids are below this: the latency map has one slot per probe id, per CPU (336 bytes each). */
 #define MAX_PROBES 1024
@@ -112,6 +112,11 @@ struct process_notice {
 #define TLS_READ_EX 3            /* SSL_read_ex(ssl, buf, num, *readbytes): returns 1 when it read */
 #define TLS_WRITE_EX 4           /* SSL_write_ex(ssl, buf, num, *written): returns 1 when it wrote */
 #define TLS_SET_FD 5             /* SSL_set_fd(ssl, fd): the socket of an SSL object (entry only) */
+
+/* What a COOKIE_GO_HOOK uprobe is on (in its probe id bits): where context passes between goroutines. */
+#define GO_HOOK_NEWPROC 1        /* runtime.newproc1: a goroutine starts another (entry and returns) */
+#define GO_HOOK_ROUND_TRIP 2     /* net/http.(*Transport).roundTrip: a caller hands a request over (entry) */
+#define GO_HOOK_REQUEST_WRITE 3  /* net/http.(*Request).write: a goroutine writes one (entry) */
 
 /* Bytes of a read kept for user space to parse: request line and the headers that fit. */
 #define HTTP_REQUEST_CAPTURE 1024
@@ -198,10 +203,11 @@ struct http_client_notice {
 /* Bytes kept of each read and write of an HTTP/2 connection: its frames, as far as they fit. */
 #define HTTP2_CAPTURE 4096
 
-/* A read or write of an HTTP/2 connection (one whose first read was the client's preface), on its socket or in
- * plaintext at OpenSSL: user space follows the frames of each direction from these and decodes their headers.
- * The record ends after the `captured` bytes of data: the first bytes of what was read or written, across its
- * iovecs. */
+/* A read or write of an HTTP/2 connection (one whose first read was the client's preface, or a connected socket
+ * whose first write was), on its socket or in plaintext at OpenSSL: user space follows the frames of each
+ * direction from these and decodes their headers. The record ends after the `captured` bytes of data: the first
+ * bytes of what was read or written, across its iovecs. A write of an outbound connection carries the context
+ * of the writing thread or goroutine (as current_context finds it): the streams it opens are children of it. */
 struct http2_notice {
 	struct notice_header header; /* NOTICE_HTTP2 */
 	__u32 fd;
@@ -212,15 +218,22 @@ struct http2_notice {
 	__u64 length;            /* bytes read or written */
 	__u32 captured;          /* bytes of data that are valid */
 	__u16 direction;         /* HTTP2_RECEIVED, HTTP2_SENT, or HTTP2_CLOSED (the connection closed: no data) */
-	__u16 flags;             /* HTTP_TLS */
+	__u16 flags;             /* HTTP_TLS, HTTP2_OUTBOUND */
 	__u16 family;            /* of both addresses, as in http_request_notice */
 	__u16 peer_port;
 	__u16 local_port;
 	__u16 pad;
 	__u8 peer_addr[16];
-	__u8 local_addr[16];
+	__u8 local_addr[16];     /* port 0 on outbound connections: not known */
+	__u64 trace_id[2];       /* outbound writes: the trace of the span in flight there; zeros: none */
+	__u64 parent_span_id;
+	__u32 sampled;
+	__u32 pad2;
 	__u8 data[HTTP2_CAPTURE];
 };
+
+/* http2_notice.flags, besides HTTP_TLS */
+#define HTTP2_OUTBOUND 2         /* a connection the process connected: it sends the requests */
 
 /* http2_notice.direction */
 #define HTTP2_RECEIVED 0

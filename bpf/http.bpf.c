@@ -10,8 +10,9 @@
  *
  * A connection whose first read is HTTP/2's client preface has its reads and writes handed over whole (as far
  * as HTTP2_CAPTURE goes) for user space to follow its frames. A socket the process connects carries outbound
- * requests: a write that starts like one begins a CLIENT span, the child of the thread's innermost probed call
- * in flight (current_context), and the reads of its response go to user space like a server's writes.
+ * requests: a write that starts like one begins a CLIENT span, the child of the thread's (Go: goroutine's)
+ * innermost probed call in flight (current_context), and the reads of its response go to user space like a
+ * server's writes; one whose first write is the preface is followed as HTTP/2, each write with that context.
  *
  * The LRU maps' entries are put in and taken out through the helpers below, which count both: user space
  * tells from the counts what was pushed out to make room. */
@@ -280,12 +281,16 @@ static __always_inline struct frame *innermost_call(struct call_stack *stack, st
 }
 
 /* runtime.newproc1(fn, callergp, callerpc, ...) begins: remember the creating goroutine (ABIInternal: its
- * second argument is in rbx). */
+ * second argument is in rbx). The process is a Go program. */
 static __always_inline void spawn_entry(struct pt_regs *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u64 creator = ctx->bx;
 	spawning.update(&id, &creator);
+	__u32 tgid = id >> 32;
+	struct process_info *info = processes.lookup(&tgid);
+	if (info)
+		info->flags |= PROCESS_GO; /* the runtime starts goroutines before main: known before any request */
 }
 
 /* runtime.newproc1 returns the new goroutine's g (rax): its calls start from the creator's innermost probed
@@ -310,6 +315,111 @@ static __always_inline void spawn_return(struct pt_regs *ctx)
 		context.goroutine = 0; /* not the one that read it: the connection's close leaves this one */
 	}
 	goroutine_requests.update(&child, &context);
+}
+
+/* Whose calls a syscall of the current thread makes: the thread's, or in a Go program its goroutine's. */
+static __always_inline struct stack_key syscall_key(__u64 id, struct process_info *info)
+{
+	struct stack_key key = {.goroutine = 0, .tgid = id >> 32, .tid = (__u32)id};
+	if (info && info->flags & PROCESS_GO) {
+		key.goroutine = current_goroutine();
+		key.tid = 0;
+	}
+	return key;
+}
+
+/* The span something `key`'s thread or goroutine starts now is a child of, in `context` (its trace, sampled)
+ * and *parent: the innermost probed call in flight (which must then be emitted, whatever its duration), else
+ * the request it serves (Go: the goroutine's), else the process's TRACEPARENT. 0 when there is none. */
+static __always_inline int current_context(struct stack_key *key, struct request_context *context, __u64 *parent)
+{
+	__u64 own = context->span_id;
+	struct frame *call = innermost_call(call_stacks.lookup(key), context);
+	if (call) {
+		*parent = context->span_id;
+		context->span_id = own;
+		call->child_emitted = 1;
+		return 1;
+	}
+	__u64 thread = (__u64)key->tgid << 32 | key->tid;
+	struct request_context *serving = key->goroutine ? goroutine_requests.lookup(key) : thread_requests.lookup(&thread);
+	if (serving) {
+		context->trace_id[0] = serving->trace_id[0];
+		context->trace_id[1] = serving->trace_id[1];
+		context->sampled = serving->sampled;
+		*parent = serving->span_id;
+		return 1;
+	}
+	struct process_info *info = processes.lookup(&key->tgid);
+	if (info && info->flags & PROCESS_HAS_PARENT) {
+		context->trace_id[0] = info->trace_id[0];
+		context->trace_id[1] = info->trace_id[1];
+		context->sampled = !!(info->flags & PROCESS_PARENT_SAMPLED);
+		*parent = info->span_id;
+		return 1;
+	}
+	return 0;
+}
+
+/* The context of an outbound request the current thread writes now (as current_context), in `context` and
+ * *parent: in Go, the one its caller had when it handed the request to this goroutine (go_writers), if it did;
+ * 0 when there is none. */
+static __always_inline int outbound_context(__u64 id, struct request_context *context, __u64 *parent)
+{
+	__u32 tgid = id >> 32;
+	struct stack_key key = syscall_key(id, processes.lookup(&tgid));
+	struct request_context *handed = key.goroutine ? go_writers.lookup(&key) : NULL;
+	if (handed) {
+		int known = handed->trace_id[0] || handed->trace_id[1];
+		context->trace_id[0] = handed->trace_id[0];
+		context->trace_id[1] = handed->trace_id[1];
+		context->sampled = handed->sampled;
+		*parent = handed->span_id;
+		go_writers.delete(&key);
+		return known;
+	}
+	return current_context(&key, context, parent);
+}
+
+/* Go's net/http client: (*Transport).roundTrip(req) begins in the caller's goroutine (ABIInternal: the receiver
+ * in rax, req in rbx), which hands the request to the connection's writing goroutine: what its CLIENT span is a
+ * child of is known only here. Kept by request (zeros: none) for that goroutine's (*Request).write. */
+static __always_inline void round_trip_entry(struct pt_regs *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct stack_key caller = {.goroutine = ctx->r14, .tgid = id >> 32};
+	struct request_context context = {};
+	__u64 parent = 0;
+	if (current_context(&caller, &context, &parent))
+		context.span_id = parent;
+	else
+		__builtin_memset(&context, 0, sizeof(context));
+	struct go_request_key request = {.request = ctx->bx, .tgid = id >> 32};
+	go_requests.update(&request, &context);
+}
+
+/* (*Request).write(w, ...) begins (the request in rax): the goroutine writes a request; if roundTrip handed it
+ * over, the writes to come take the caller's context. */
+static __always_inline void request_write_entry(struct pt_regs *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct go_request_key request = {.request = ctx->ax, .tgid = id >> 32};
+	struct request_context *context = go_requests.lookup(&request);
+	if (!context)
+		return;
+	struct stack_key writer = {.goroutine = ctx->r14, .tgid = id >> 32};
+	go_writers.update(&writer, context);
+	go_requests.delete(&request);
+}
+
+static __always_inline void go_hook_entry(struct pt_regs *ctx, __u32 hook)
+{
+	if (hook == GO_HOOK_NEWPROC)
+		spawn_entry(ctx);
+	else if (hook == GO_HOOK_ROUND_TRIP)
+		round_trip_entry(ctx);
+	else if (hook == GO_HOOK_REQUEST_WRITE)
+		request_write_entry(ctx);
 }
 
 /* The first bytes of a request at `buf` (`length` of them there), as many as a notice keeps: how many. */
@@ -424,6 +534,22 @@ static __always_inline void send_http2_notice(struct socket_info *sock, struct p
 		if (captured >= limit)
 			break;
 	}
+	event->trace_id[0] = 0;
+	event->trace_id[1] = 0;
+	event->parent_span_id = 0;
+	event->sampled = 0;
+	event->pad2 = 0;
+	if (sock->protocol == SOCKET_HTTP2_CLIENT) {
+		flags |= HTTP2_OUTBOUND;
+		struct request_context context = {};
+		__u64 parent = 0;
+		if (direction == HTTP2_SENT && outbound_context(bpf_get_current_pid_tgid(), &context, &parent)) {
+			event->trace_id[0] = context.trace_id[0];
+			event->trace_id[1] = context.trace_id[1];
+			event->parent_span_id = parent;
+			event->sampled = context.sampled;
+		}
+	}
 	event->header.kind = NOTICE_HTTP2;
 	event->fd = io->fd;
 	event->pid = ns_ids.tgid;
@@ -466,7 +592,7 @@ static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 
 		response_read(id, io, ret);
 		return;
 	}
-	if (sock->protocol == SOCKET_HTTP2) {
+	if (sock->protocol == SOCKET_HTTP2 || sock->protocol == SOCKET_HTTP2_CLIENT) {
 		send_http2_notice(sock, io, ret, HTTP2_RECEIVED, flags, bpf_ktime_get_ns());
 		return;
 	}
@@ -575,41 +701,6 @@ static __always_inline void send_response_notice(struct request_context *request
 	notices.ringbuf_submit(event, 0);
 }
 
-/* The span a call the thread makes now is a child of, in `context` (its trace, sampled) and *parent: the
- * innermost probed call in flight (which must then be emitted, whatever its duration), else the request the
- * thread serves, else the process's TRACEPARENT. 0 when there is none. Go's calls nest per goroutine, not
- * per thread: not seen here. */
-static __always_inline int current_context(__u64 id, struct request_context *context, __u64 *parent)
-{
-	struct stack_key key = {.goroutine = 0, .tgid = id >> 32, .tid = (__u32)id};
-	__u64 own = context->span_id;
-	struct frame *call = innermost_call(call_stacks.lookup(&key), context);
-	if (call) {
-		*parent = context->span_id;
-		context->span_id = own;
-		call->child_emitted = 1;
-		return 1;
-	}
-	struct request_context *serving = thread_requests.lookup(&id);
-	if (serving) {
-		context->trace_id[0] = serving->trace_id[0];
-		context->trace_id[1] = serving->trace_id[1];
-		context->sampled = serving->sampled;
-		*parent = serving->span_id;
-		return 1;
-	}
-	__u32 tgid = id >> 32;
-	struct process_info *info = processes.lookup(&tgid);
-	if (info && info->flags & PROCESS_HAS_PARENT) {
-		context->trace_id[0] = info->trace_id[0];
-		context->trace_id[1] = info->trace_id[1];
-		context->sampled = !!(info->flags & PROCESS_PARENT_SAMPLED);
-		*parent = info->span_id;
-		return 1;
-	}
-	return 0;
-}
-
 /* A write on a connected socket: an outbound request if it starts like one (a CLIENT span), unless the
  * connection's previous request has not had a response read yet (then it is more of that one). */
 static __always_inline void request_written(__u64 id, struct socket_info *sock, struct pending_io *io, long ret,
@@ -622,11 +713,18 @@ static __always_inline void request_written(__u64 id, struct socket_info *sock, 
 	__u64 length;
 	__u64 buf = first_buffer(io, ret, &length);
 	__u32 head = 0;
-	if (!buf || length < 16 || bpf_probe_read_user(&head, sizeof(head), (void *)buf) || !starts_like_http(head))
+	if (!buf || length < 16 || bpf_probe_read_user(&head, sizeof(head), (void *)buf))
+		return;
+	if (head == HTTP2_PREFACE_HEAD) {
+		sock->protocol = SOCKET_HTTP2_CLIENT;
+		send_http2_notice(sock, io, ret, HTTP2_SENT, io->tls ? HTTP_TLS : 0, end_ns);
+		return;
+	}
+	if (!starts_like_http(head))
 		return;
 	struct request_context outbound = {.span_id = random_id(), .thread = id, .fd = io->fd};
 	__u64 parent = 0;
-	if (!current_context(id, &outbound, &parent)) {
+	if (!outbound_context(id, &outbound, &parent)) {
 		outbound.trace_id[0] = random_id();
 		outbound.trace_id[1] = random_id();
 		outbound.sampled = sample_root(outbound.trace_id[1]);
@@ -682,7 +780,7 @@ static __always_inline void write_response(__u64 id, struct pending_io *io, long
 	struct request_context *request = requests.lookup(&conn);
 	if (!request) {
 		struct socket_info *sock = sockets.lookup(&conn);
-		if (sock && sock->protocol == SOCKET_HTTP2)
+		if (sock && (sock->protocol == SOCKET_HTTP2 || sock->protocol == SOCKET_HTTP2_CLIENT))
 			send_http2_notice(sock, io, ret, HTTP2_SENT, io->tls ? HTTP_TLS : 0, end_ns);
 		else if (sock && sock->protocol == SOCKET_CLIENT)
 			request_written(id, sock, io, ret, end_ns);
@@ -903,7 +1001,7 @@ static __always_inline void close_connection(__u32 tgid, __u32 fd)
 	struct connection_key conn = {.tgid = tgid, .fd = fd};
 	struct socket_info *sock = sockets.lookup(&conn);
 	struct pending_io none = {.fd = fd, .op = IO_SENDFILE};
-	if (sock && sock->protocol == SOCKET_HTTP2)
+	if (sock && (sock->protocol == SOCKET_HTTP2 || sock->protocol == SOCKET_HTTP2_CLIENT))
 		send_http2_notice(sock, &none, 0, HTTP2_CLOSED, 0, bpf_ktime_get_ns());
 	struct request_context *outbound = client_requests.lookup(&conn);
 	if (outbound) {

@@ -58,6 +58,7 @@ BPF_TABLE("lru_hash", struct connection_key, struct socket_info, sockets, MAX_TH
 #define SOCKET_HTTP1 0           /* accepted: its reads may begin requests */
 #define SOCKET_HTTP2 1           /* accepted, and its first read was HTTP/2's client preface */
 #define SOCKET_CLIENT 2          /* connected by the process: its writes may begin outbound requests */
+#define SOCKET_HTTP2_CLIENT 3    /* connected, and its first write was HTTP/2's client preface */
 
 /* Where an http2_notice is put together, its data gathered across iovecs (`spill`: what the last copy may write
  * past the end of data, for the verifier's sake). */
@@ -101,6 +102,20 @@ BPF_TABLE("lru_hash", struct stack_key, struct request_context, goroutine_reques
  * return, where the new goroutine's g is known. Keyed by pid_tgid: newproc1 runs on the system stack, on one
  * thread. */
 BPF_HASH(spawning, __u64, __u64, MAX_THREADS);
+
+/* Requests Go's net/http client was given in a goroutine ((*Transport).roundTrip), by the *Request, until the
+ * goroutine writing it to the connection takes them ((*Request).write): what their CLIENT spans are children of
+ * (span_id: the parent; zeros: none). LRU: a request never written (a dial that failed) cannot stay. */
+struct go_request_key {
+	__u64 request;
+	__u32 tgid;
+	__u32 pad;
+};
+BPF_TABLE("lru_hash", struct go_request_key, struct request_context, go_requests, MAX_THREADS);
+
+/* The goroutine writing a request go_requests had, by its call stack's key, until its write begins the CLIENT
+ * span: a connection's writing goroutine serves one caller after another, and its own context is stale. */
+BPF_TABLE("lru_hash", struct stack_key, struct request_context, go_writers, MAX_THREADS);
 
 /* The request each thread is serving, by pid_tgid: probed calls starting there become its children. LRU,
  * pushing out is counted (COUNTER_THREAD_REQUESTS_*). */

@@ -143,14 +143,14 @@ int otel_entry(struct pt_regs *ctx)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__u64 cookie = bpf_get_attach_cookie(ctx);
-	if (cookie & (COOKIE_PROCESS_START | COOKIE_TLS | COOKIE_SPAWN)) {
+	if (cookie & (COOKIE_PROCESS_START | COOKIE_TLS | COOKIE_GO_HOOK)) {
 #ifdef HTTP_TRACING
 		if (cookie & COOKIE_TLS) {
 			tls_entry(ctx, cookie);
 			return 0;
 		}
-		if (cookie & COOKIE_SPAWN) {
-			spawn_entry(ctx);
+		if (cookie & COOKIE_GO_HOOK) {
+			go_hook_entry(ctx, cookie & COOKIE_PROBE_ID_MASK);
 			return 0;
 		}
 #endif
@@ -196,8 +196,8 @@ int otel_return(struct pt_regs *ctx)
 		tls_return(ctx);
 		return 0;
 	}
-	if (cookie & COOKIE_SPAWN) {
-		spawn_return(ctx);
+	if (cookie & COOKIE_GO_HOOK) {
+		spawn_return(ctx); /* only newproc1 has return probes */
 		return 0;
 	}
 #endif

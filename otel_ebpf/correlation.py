@@ -8,9 +8,9 @@ of the request, the spans of requests the sampler drops are dropped, and those o
 after all lose their parent. The SERVER span ends at the write that completes its response (http1.ResponseFraming),
 else at the connection's next request or its close. Requests pipelined behind it in the same reads are only seen
 here: each gets a SERVER span of its own once the one before it was answered, and the calls that the kernel put in
-the first request's trace after that answer move to it (_Splits). HTTP/2 connections give each stream a SERVER span of its
-own (http2_servers.py); no probed call is linked to them. Outbound requests become CLIENT spans, placed in the
-trace their parent span ends up in. Notices are read before the spans they explain
+the first request's trace after that answer move to it (_Splits). HTTP/2 connections give each stream a span of its
+own (http2_connections.py); no probed call is linked to the streams a server serves. Outbound requests become CLIENT
+spans, placed in the trace their parent span ends up in (_place). Notices are read before the spans they explain
 (session.py), so a request is always known before the calls that serve it. All of it works on whole arrays of
 spans: a batch with no such span costs one comparison.
 """
@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from otel_ebpf.http2_servers import Http2Servers
+from otel_ebpf.http2_connections import Http2Connections
 from otel_ebpf.protocols import http1
 from otel_ebpf.tracecontext import SpanContext
 from otel_ebpf.kernel import layout
@@ -173,10 +173,15 @@ class Correlator:
         self._splits = _Splits(MAX_TRACKED)
         # Processes whose TRACEPARENT only user space knows (found without their exec seen): by process key.
         self._user_parents: dict[int, SpanContext] = {}
-        self.http2 = Http2Servers(registry, sample_root, parent_based)
+        self.http2 = Http2Connections(registry, sample_root, parent_based, self._place)
         self._clients: collections.OrderedDict[bytes, _Outbound] = collections.OrderedDict()  # by CLIENT span id
         self._client_connections: dict[tuple[int, int], bytes] = {}
-        self.client_spans_owned = 0  # outbound requests with a traceparent: the program's own CLIENT spans
+        self._client_spans_owned = 0  # HTTP/1.x outbound requests with a traceparent
+
+    @property
+    def client_spans_owned(self) -> int:
+        """Outbound requests that carried a traceparent: the program's own CLIENT spans, none made here."""
+        return self._client_spans_owned + self.http2.client_spans_owned
 
     def notices(self, notices: list) -> list[ServerSpan]:
         out = []
@@ -323,7 +328,7 @@ class Correlator:
         if request is None:
             return out
         if request.parent is not None:
-            self.client_spans_owned += 1
+            self._client_spans_owned += 1
             return out
         self._clients[notice.span_id] = _Outbound(notice, request, http1.ResponseFraming(request.method))
         self._client_connections[connection] = notice.span_id
@@ -342,26 +347,35 @@ class Correlator:
         connection = (notice.pid, notice.fd)
         if self._client_connections.get(connection) == span_id:
             del self._client_connections[connection]
-        if not notice.sampled:
+        placed = self._place(notice.pid, notice.process_seq, notice.start_ns, notice.trace_id,
+                             notice.parent_span_id) if notice.sampled else None
+        if placed is None:
             return []
-        record = np.zeros(1, layout.SPAN_RECORD_DTYPE)
-        record["pid"], record["process_seq"], record["start_ns"] = notice.pid, notice.process_seq, notice.start_ns
-        words = layout.words(record)
-        words[0, _TRACE_LOW:_TRACE_LOW + 2] = np.frombuffer(notice.trace_id, np.uint64)
-        words[0, _PARENT] = np.frombuffer(notice.parent_span_id, np.uint64)[0]
-        record = self._placed(record)
-        if not len(record):
-            return []
-        words = layout.words(record)
-        trace_id, parent = words[0, _TRACE_LOW:_TRACE_LOW + 2].tobytes(), words[0, _PARENT].tobytes()
+        trace_id, parent = placed
         status = tracked.framing.status
         key = int(process_key(notice.pid, notice.process_seq))
         end = end_ns or tracked.last_read_ns or notice.start_ns
-        return [ServerSpan(key, self.registry.resource(key), notice.tid, trace_id, notice.span_id,
-                           parent if any(parent) else None, "", notice.start_ns, end,
+        return [ServerSpan(key, self.registry.resource(key), notice.tid, trace_id, notice.span_id, parent, "",
+                           notice.start_ns, end,
                            http1.server_span_name(tracked.request),
                            http1.client_span_attributes(tracked.request, status, notice.peer, notice.tls),
                            SPAN_KIND_CLIENT)]
+
+    def _place(self, pid: int, process_seq: int, start_ns: int, trace_id: bytes,
+               parent_span_id: bytes) -> tuple[bytes, bytes | None] | None:
+        """Where a span the kernel made a child of (trace_id, parent_span_id) ends up, as its trace's function
+        spans do: (trace id, parent span id or None for a root), or None when that trace is dropped."""
+        record = np.zeros(1, layout.SPAN_RECORD_DTYPE)
+        record["pid"], record["process_seq"], record["start_ns"] = pid, process_seq, start_ns
+        words = layout.words(record)
+        words[0, _TRACE_LOW:_TRACE_LOW + 2] = np.frombuffer(trace_id, np.uint64)
+        words[0, _PARENT] = np.frombuffer(parent_span_id, np.uint64)[0]
+        record = self._placed(record)
+        if not len(record):
+            return None
+        words = layout.words(record)
+        parent = words[0, _PARENT].tobytes()
+        return words[0, _TRACE_LOW:_TRACE_LOW + 2].tobytes(), parent if any(parent) else None
 
     def _written(self, notice: layout.HttpResponseNotice) -> list[ServerSpan]:
         outbound = self._clients.get(notice.span_id)

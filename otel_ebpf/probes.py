@@ -15,12 +15,17 @@ from elftools.elf.elffile import ELFFile
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel.attach import Kind, Site
 from otel_ebpf import symbols
-from otel_ebpf.kernel.layout import COOKIE_GO, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START, COOKIE_SPAWN, MAX_PROBES
+from otel_ebpf.kernel.layout import (COOKIE_GO, COOKIE_GO_HOOK, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START,
+                                     GO_HOOK_NEWPROC, GO_HOOK_REQUEST_WRITE, GO_HOOK_ROUND_TRIP, MAX_PROBES)
 from otel_ebpf.otlp.encode import ProbeInfo
 from otel_ebpf.symbols import FunctionSymbol, golang
 
 # Where Go starts every goroutine: with it probed, a goroutine's calls start where its creator was.
-SPAWN_FUNCTION = "runtime.newproc1"
+# Where context passes from one goroutine to another (bpf/http.bpf.c): the function, its hook, and whether its
+# returns are probed too.
+GO_HOOKS = (("runtime.newproc1", GO_HOOK_NEWPROC, True),
+            ("net/http.(*Transport).roundTrip", GO_HOOK_ROUND_TRIP, False),
+            ("net/http.(*Request).write", GO_HOOK_REQUEST_WRITE, False))
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,17 @@ def plan_matches(binary: str, matches: list[tuple[str, list[FunctionSymbol]]], s
             selection.warning)
 
 
-def spawn_sites(binary: str) -> list[Site]:
-    """Uprobes on a Go binary's runtime.newproc1, entry and returns (COOKIE_SPAWN, see bpf/http.bpf.c); none
-    when it has none that can be traced."""
-    try:
-        probes, _ = plan_matches(binary, symbols.resolve_each(binary, [SPAWN_FUNCTION]))
-    except UserError:
-        return []
-    return [Site(site.offset, site.kind, COOKIE_SPAWN) for probe in probes for site in probe.sites(0)]
+def go_hook_sites(binary: str) -> list[Site]:
+    """Uprobes on the functions of GO_HOOKS a Go binary has (COOKIE_GO_HOOK); none for other binaries."""
+    sites = []
+    for function, hook, returns in GO_HOOKS:
+        try:
+            probes, _ = plan_matches(binary, symbols.resolve_each(binary, [function]))
+        except UserError:
+            continue  # not in this program (no HTTP client), or not traceable
+        sites += [Site(site.offset, site.kind, COOKIE_GO_HOOK | hook) for probe in probes for site in probe.sites(0)
+                  if returns or site.kind == Kind.ENTRY]
+    return sites
 
 
 _DF_1_PIE = 0x08000000  # DT_FLAGS_1: a position-independent executable, not a library

@@ -26,7 +26,7 @@ from otel_ebpf.otlp.encode import SpanEncoder
 from otel_ebpf.otlp.retry import span_exporter
 from otel_ebpf.otlp.transport import otlp_transport
 from otel_ebpf.pipeline import BatchProcessor, ConsoleSink, Sink, line_per_item
-from otel_ebpf.probes import ProbeTable, is_executable, spawn_sites, start_site
+from otel_ebpf.probes import ProbeTable, go_hook_sites, is_executable, start_site
 from otel_ebpf.processes import ProcessInfo, ProcessRegistry
 from otel_ebpf.protocols import tls
 
@@ -119,8 +119,9 @@ class _Probes:
     attached per followed process, so that other processes mapping it (libc: all of them) never trap.
     System-wide: every probe once for every process, plus each executable's entry point, which starts
     following the process that runs it. Either way OpenSSL's functions (protocols/tls.py) are attached per
-    followed process. With `goroutines`, a probed Go binary's runtime.newproc1 is probed too, so that requests
-    follow the goroutines their handlers start."""
+    followed process. With `goroutines`, a probed Go binary's runtime.newproc1 and net/http client are probed too
+    (probes.GO_HOOKS), so that requests follow the goroutines their handlers start, and outbound requests the
+    goroutine that made them."""
 
     def __init__(self, program: Program, attacher: Attacher, table: ProbeTable, follow: bool, read_tls: bool,
                  goroutines: bool = False):
@@ -134,7 +135,7 @@ class _Probes:
         for path, probes in table.by_binary().items():
             sites = [site for probe_id, probe in probes for site in probe.sites(probe_id)]
             if goroutines and any(probe.is_go for _, probe in probes):
-                sites += spawn_sites(path)
+                sites += go_hook_sites(path)
             if not follow or is_executable(path):
                 start = start_site(path) if not follow and is_executable(path) else None
                 self._shared.append((path, sites + ([start] if start else [])))

@@ -7,6 +7,8 @@
 //	                         SIGINT/SIGTERM; GET /?id=N handles request N
 //
 // env GOAPP_START_DELAY_MS: sleep that long after printing the pid, so a tracer can attach first.
+// env GOAPP_DOWNSTREAM: a URL each request also fetches (with `?n=ID` added) once its work is done, on
+// one keep-alive connection of net/http's client: `fetch id=N status=S reused=BOOL` per request.
 //
 // stdout: `pid N`, in serve mode `listening port=P`, one `call ...` line per call of a
 // function that calls gtEnter (see groundtruth.go), then `done calls=N`.
@@ -17,8 +19,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"os/signal"
 	"strconv"
@@ -36,7 +40,9 @@ const (
 )
 
 type Server struct {
-	name string
+	name       string
+	downstream string
+	client     *http.Client
 }
 
 type request struct {
@@ -49,7 +55,32 @@ func (s *Server) handle(id int) string {
 	defer gtExit(gtEnter())
 	req := s.parse(id)
 	total := s.fanOut(req)
+	if s.downstream != "" {
+		s.fetch(id)
+	}
 	return fmt.Sprintf("%s: request %d -> %d\n", s.name, req.id, total)
+}
+
+// fetch asks the downstream service about the request, reading the whole answer so that the connection
+// is kept for the next one; it says whether it got a connection used before.
+//
+//go:noinline
+func (s *Server) fetch(id int) {
+	defer gtExit(gtEnter())
+	status, reused := 0, false
+	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused }}
+	ctx := httptrace.WithClientTrace(context.Background(), trace)
+	request, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("%s?n=%d", s.downstream, id), nil)
+	if err == nil {
+		if response, err := s.client.Do(request); err == nil {
+			io.Copy(io.Discard, response.Body)
+			response.Body.Close()
+			status = response.StatusCode
+		}
+	}
+	gt.Lock()
+	fmt.Fprintf(gt.out, "fetch id=%d status=%d reused=%t\n", id, status, reused)
+	gt.Unlock()
 }
 
 // parse turns a request id into the number of goroutines its work is split into: 2 or 3.
@@ -116,7 +147,7 @@ func main() {
 	if ms, err := strconv.Atoi(os.Getenv("GOAPP_START_DELAY_MS")); err == nil {
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 	}
-	server := &Server{name: "goapp"}
+	server := &Server{name: "goapp", downstream: os.Getenv("GOAPP_DOWNSTREAM"), client: &http.Client{}}
 	switch os.Args[1] {
 	case "work":
 		if len(os.Args) != 3 {

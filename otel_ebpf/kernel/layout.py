@@ -24,13 +24,17 @@ COOKIE_PROBE_ID_MASK = 0xFFFFFF
 COOKIE_GO = 1 << 24
 COOKIE_PROCESS_START = 1 << 25
 COOKIE_TLS = 1 << 26
-COOKIE_SPAWN = 1 << 27
+COOKIE_GO_HOOK = 1 << 27
+GO_HOOK_NEWPROC = 1
+GO_HOOK_ROUND_TRIP = 2
+GO_HOOK_REQUEST_WRITE = 3
 TLS_READ = 1
 TLS_WRITE = 2
 TLS_READ_EX = 3
 TLS_WRITE_EX = 4
 TLS_SET_FD = 5
 HTTP_TLS = 1
+HTTP2_OUTBOUND = 2
 COOKIE_GOID_SHIFT = 32
 SPAN_REMOTE_PARENT = 1
 HTTP_REQUEST_CAPTURE = 1024
@@ -169,7 +173,8 @@ FDS_CLOSED = NoticeType(NOTICE_FDS_CLOSED, "fds_closed", _HEADER + (
 HTTP2 = NoticeType(NOTICE_HTTP2, "http2", _HEADER + (
     ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("ns", "Q"), ("length", "Q"), ("captured", "I"),
     ("direction", "H"), ("flags", "H"), ("family", "H"), ("peer_port", "H"), ("local_port", "H"), ("pad", "H"),
-    ("peer_addr", "16s"), ("local_addr", "16s"), ("data", f"{HTTP2_CAPTURE}s"),
+    ("peer_addr", "16s"), ("local_addr", "16s"), ("trace_id", "16s"), ("parent_span_id", "8s"), ("sampled", "I"),
+    ("pad2", "I"), ("data", f"{HTTP2_CAPTURE}s"),
 ))
 HTTP_CLIENT = NoticeType(NOTICE_HTTP_CLIENT, "http_client", _HEADER + (
     ("fd", "I"), ("pid", "I"), ("tid", "I"), ("process_seq", "I"), ("start_ns", "Q"), ("trace_id", "16s"),
@@ -233,6 +238,11 @@ class Http2Notice(NamedTuple):
     tls: bool = False
     peer: tuple[str, int] | None = None
     local: tuple[str, int] | None = None
+    outbound: bool = False  # a connection the process connected: it sends the requests
+    # Outbound writes: the span in flight where it was written, as the kernel knows it (zeros: none).
+    trace_id: bytes = bytes(16)
+    parent_span_id: bytes = bytes(8)
+    sampled: int = 0
 
 
 class HttpClientNotice(NamedTuple):
@@ -337,10 +347,11 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
                                   tail[:tail_length])
     if kind == NOTICE_HTTP2:
         (_, _, fd, pid, tid, seq, ns, length, captured, direction, flags, family, peer_port, local_port, _, peer_addr,
-         local_addr) = _HTTP2_HEAD.unpack_from(record)
+         local_addr, trace_id, parent, sampled, _) = _HTTP2_HEAD.unpack_from(record)
         data = bytes(record[_HTTP2_HEAD.size:_HTTP2_HEAD.size + captured])
         return Http2Notice(fd, pid, tid, seq, ns, length, direction, data, bool(flags & HTTP_TLS),
-                           peer_address(family, peer_port, peer_addr), peer_address(family, local_port, local_addr))
+                           peer_address(family, peer_port, peer_addr), peer_address(family, local_port, local_addr),
+                           bool(flags & HTTP2_OUTBOUND), trace_id, parent, sampled)
     if kind == NOTICE_HTTP_CLIENT:
         (_, _, fd, pid, tid, seq, start, trace_id, span_id, parent, sampled, length, family, port, flags, _, addr,
          data) = _CLIENT.unpack_from(record)

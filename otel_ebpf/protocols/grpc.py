@@ -1,9 +1,11 @@
-"""gRPC over HTTP/2 (gRPC's PROTOCOL-HTTP2) -> the name, attributes and status of a SERVER span, as the RPC
+"""gRPC over HTTP/2 (gRPC's PROTOCOL-HTTP2) -> the name, attributes and status of a SERVER or CLIENT span, as the RPC
 semantic conventions name them: rpc.system.name "grpc", rpc.method fully qualified ("package.Service/Method",
-also the span's name), rpc.response.status_code as the code's name; status Error, with error.type, only for the
-codes that say the server failed."""
+also the span's name), rpc.response.status_code as the code's name; status Error, with error.type: on a SERVER
+span only for the codes that say the server failed, on a CLIENT span for every code but OK."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 from otel_ebpf.protocols.http1 import Address, split_host_port
 from otel_ebpf.protocols.http2 import Stream
@@ -33,7 +35,21 @@ def status_name(code: str | None) -> str | None:
 
 
 def server_span(stream: Stream, peer: Address | None, local: Address | None) -> tuple[str, dict[str, str | int]]:
-    """The span's name and attributes."""
+    """The SERVER span's name and attributes; an error only for SERVER_ERRORS."""
+    name, attrs = _span(stream, peer, local, lambda status: status in SERVER_ERRORS)
+    if peer is not None:
+        attrs["client.address"] = peer[0]
+    return name, attrs
+
+
+def client_span(stream: Stream, server: Address | None) -> tuple[str, dict[str, str | int]]:
+    """The CLIENT span's name and attributes (`server`: the address connected to); every code but OK is an
+    error of the call."""
+    return _span(stream, server, server, lambda status: status != "OK")
+
+
+def _span(stream: Stream, peer: Address | None, server: Address | None,
+          is_error: Callable[[str], bool]) -> tuple[str, dict[str, str | int]]:
     full = method(stream.headers.get(":path", ""))
     attrs: dict[str, str | int] = {"rpc.system.name": "grpc"}
     if full:
@@ -41,15 +57,14 @@ def server_span(stream: Stream, peer: Address | None, local: Address | None) -> 
     status = status_name(stream.response.get("grpc-status"))
     if status is not None:
         attrs["rpc.response.status_code"] = status
-        if status in SERVER_ERRORS:
+        if is_error(status):
             attrs["error.type"] = status
     authority = stream.headers.get(":authority")
-    server = split_host_port(authority) if authority else local
+    server = split_host_port(authority) if authority else server
     if server and server[0]:
         attrs["server.address"] = server[0]
         if server[1] is not None:
             attrs["server.port"] = server[1]
     if peer is not None:
         attrs["network.peer.address"], attrs["network.peer.port"] = peer
-        attrs["client.address"] = peer[0]
     return full or "grpc", attrs

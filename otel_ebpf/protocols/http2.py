@@ -1,7 +1,7 @@
-"""HTTP/2 connections seen from outside the process -> the streams SERVER spans are made of.
+"""HTTP/2 connections seen from outside the process -> the streams SERVER and CLIENT spans are made of.
 
-The kernel hands user space the first HTTP2_CAPTURE bytes of every read and write of a connection whose first read
-was the client's preface, with how many bytes there were. Each direction is one byte stream of frames (RFC 9113
+The kernel hands user space the first HTTP2_CAPTURE bytes of every read and write of a connection that began with
+the client's preface (read by a server, or written by a client), with how many bytes there were. Each direction is one byte stream of frames (RFC 9113
 section 4): it is followed here frame by frame, DATA payloads skipped by their length (also where the kernel did
 not copy them), header blocks (HEADERS or PUSH_PROMISE, then CONTINUATION) decoded with HPACK (RFC 7541), one
 decoder per direction, as the peer's encoder filled its table. Bytes that held a frame header or a header block
@@ -11,10 +11,13 @@ streams is reported rather than any guessed at.
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass, field
 
 import hpack
+
+logging.getLogger("hpack").setLevel(logging.WARNING)  # at debug it logs every header field it decodes
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -83,21 +86,24 @@ class Stream:
 
     stream_id: int
     start_ns: int  # when the read with its request's header block returned
-    tid: int  # the thread that read it
+    tid: int  # the thread that read it (a client: wrote it)
     headers: dict[str, str]  # the request's header fields, pseudo-header fields included; repeated ones joined
     status: int | None = None  # :status of the final response
     response: dict[str, str] = field(default_factory=dict)  # the response's header and trailer fields
     end_ns: int | None = None
     reset: bool = False  # ended by RST_STREAM, from either side
+    context: object = None  # what Connection.feed was given with its request's header block
 
 
 class Connection:
-    """Both directions of one server connection and its streams in flight. `feed` takes each read (sent False)
-    or write and returns the streams it completed: those whose response ended (END_STREAM) or were reset."""
+    """Both directions of one connection and its streams in flight, seen from the server or (`client`) from the
+    client: requests go the way the preface went. `feed` takes each read (sent False) or write and returns the
+    streams it completed: those whose response ended (END_STREAM) or were reset."""
 
-    def __init__(self):
-        self._readers = {False: FrameReader(len(PREFACE)), True: FrameReader()}
-        # The client's encoder fills the table the received blocks are decoded with; the server's the other.
+    def __init__(self, client: bool = False):
+        self.client = client
+        self._readers = {client: FrameReader(len(PREFACE)), not client: FrameReader()}
+        # Each direction's blocks are decoded with the table its sender's encoder filled.
         self._decoders = {False: hpack.Decoder(), True: hpack.Decoder()}
         self._blocks: dict[bool, tuple[int, int, list[bytes]] | None] = {False: None, True: None}
         self.streams: dict[int, Stream] = {}
@@ -106,11 +112,12 @@ class Connection:
     def broken(self) -> bool:
         return self._readers[False].broken or self._readers[True].broken
 
-    def feed(self, sent: bool, data: bytes, length: int, ns: int, tid: int) -> list[Stream]:
+    def feed(self, sent: bool, data: bytes, length: int, ns: int, tid: int, context: object = None) -> list[Stream]:
+        """`context`: kept with the streams whose requests this brings."""
         done: list[Stream] = []
         for frame in self._readers[sent].feed(data, length):
             try:
-                self._frame(sent, frame, ns, tid, done)
+                self._frame(sent, frame, ns, tid, context, done)
             except (hpack.HPACKError, IndexError, ValueError):
                 self._readers[sent].broken = True  # a block that does not decode: the table is unknowable now
             if self.broken:
@@ -125,7 +132,7 @@ class Connection:
         self.streams.clear()
         return streams
 
-    def _frame(self, sent: bool, frame: Frame, ns: int, tid: int, done: list[Stream]) -> None:
+    def _frame(self, sent: bool, frame: Frame, ns: int, tid: int, context: object, done: list[Stream]) -> None:
         block = self._blocks[sent]
         if block is not None and frame.type != CONTINUATION:
             raise ValueError("a header block interrupted")  # RFC 9113 section 6.10: a connection error
@@ -144,19 +151,19 @@ class Connection:
             if stream is not None:
                 stream.end_ns, stream.reset = ns, True
                 done.append(stream)
-        elif frame.type == DATA and sent and frame.flags & END_STREAM:
+        elif frame.type == DATA and sent != self.client and frame.flags & END_STREAM:  # a response's
             self._end(frame.stream_id, ns, done)
         if frame.type in (HEADERS, PUSH_PROMISE, CONTINUATION) and frame.flags & END_HEADERS:
             stream_id, flags, fragments = self._blocks[sent]
             self._blocks[sent] = None
             fields = self._decoders[sent].decode(b"".join(fragments), raw=False)
-            self._headers(sent, stream_id, flags, fields, ns, tid, done)
+            self._headers(sent, stream_id, flags, fields, ns, tid, context, done)
 
-    def _headers(self, sent: bool, stream_id: int, flags: int, fields, ns: int, tid: int,
+    def _headers(self, sent: bool, stream_id: int, flags: int, fields, ns: int, tid: int, context: object,
                  done: list[Stream]) -> None:
-        if not sent:
+        if sent == self.client:  # a request's
             if stream_id not in self.streams and ":method" in dict(fields):
-                self.streams[stream_id] = Stream(stream_id, ns, tid, _joined(fields))
+                self.streams[stream_id] = Stream(stream_id, ns, tid, _joined(fields), context=context)
             return  # else the request's trailers
         stream = self.streams.get(stream_id)
         if stream is None:

@@ -15,6 +15,7 @@ from typing import Callable
 
 NGINX = Path("/usr/sbin/nginx")
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+LIBCURL = "/usr/lib/x86_64-linux-gnu/libcurl.so.4"  # curl's transfers: curl_easy_perform
 # Exported by Debian's nginx (built for dynamic modules, so its functions are in .dynsym): called once per request.
 NGINX_FUNCTION = "ngx_http_process_request"
 

@@ -4,15 +4,18 @@ which numbers calls per goroutine (tid= is the goroutine id)."""
 
 import http.client
 import itertools
+import re
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
 
 import pytest
 
+from tests.e2e.servers import Nginx, wait_for_port
 from tests.e2e.spancheck import (
-    BUSY_OVERHEAD_SLACK_NS, attributes, call_shapes, check_tree, match, shutdown_summary, span_shapes,
+    BUSY_OVERHEAD_SLACK_NS, CLOCK_SLACK_NS, attributes, call_shapes, check_tree, match, shutdown_summary, span_shapes,
 )
 from tests.ground_truth import (
     GO_DEEP_LEVELS, GO_TRACED_FUNCTIONS, GOAPP, GOAPP_STRIPPED, expected_go_counts, parse,
@@ -261,3 +264,46 @@ def test_function_whose_returns_cannot_be_seen_is_refused(tracer, function, reas
     assert t.stderr.startswith("otel-ebpf: error: cannot trace ") and reason in t.stderr, t.stderr
     assert "Traceback" not in t.stderr
     assert t.stdout == "", "the command ran although its tracing was refused"
+
+
+FETCH = "main.(*Server).fetch"
+
+
+def test_outbound_requests_are_children_of_the_goroutine_call_that_made_them(tracer, receiver, tmp_path):
+    """goapp work whose every request fetches from Debian's nginx through net/http's client: the caller's
+    goroutine hands the request over, and the connection's own goroutines (started under the first fetch) write
+    and read it, on one keep-alive connection (goapp reports it reused). Each request still gets a CLIENT span,
+    the child of its own fetch call, within it by goapp's own clock readings."""
+    nginx = Nginx(tmp_path / "nginx", workers=1)
+    subprocess.run(nginx.argv(foreground=False), check=True, timeout=30)
+    requests = 4
+    try:
+        wait_for_port(nginx.port)
+        t = tracer(["trace", str(GOAPP), *GO_TRACED_FUNCTIONS, FETCH, "--", str(GOAPP), "work", str(requests)],
+                   GOAPP_DOWNSTREAM=f"http://127.0.0.1:{nginx.port}/", **traces_to(receiver))
+        assert t.finish() == 0, t.stderr
+    finally:
+        nginx.stop()
+    fetched = re.findall(r"^fetch id=(\d+) status=(\d+) reused=(\w+)$", t.stdout, re.MULTILINE)
+    assert fetched == [(str(i), "200", "true" if i else "false") for i in range(requests)]
+    truth = parse(t.stdout)
+    calls = sorted((c for c in truth.calls if c.fn == FETCH), key=lambda c: c.start)
+    received = receiver.wait_for_spans(truth.done + requests)
+    by_start = sorted((s for _, s in received), key=lambda s: s.start_time_unix_nano)
+    clients = [s for s in by_start if s.kind == s.SPAN_KIND_CLIENT]
+    fetches = {s.span_id: s for s in by_start if s.name == FETCH}
+    assert len(clients) == len(fetches) == len(calls) == requests, [(s.name, s.kind) for s in by_start]
+    assert len({s.trace_id for s in fetches.values()}) == requests, "one trace per request"
+    for client, call in zip(clients, calls):
+        assert client.parent_span_id in fetches, "a child of a fetch call"
+        fetch = fetches[client.parent_span_id]
+        assert client.trace_id == fetch.trace_id
+        assert fetch.start_time_unix_nano <= client.start_time_unix_nano <= client.end_time_unix_nano <= (
+            fetch.end_time_unix_nano), "within its fetch (one clock: exact)"
+        assert call.start - CLOCK_SLACK_NS <= client.start_time_unix_nano, "written before its fetch began"
+        assert client.end_time_unix_nano <= call.end + CLOCK_SLACK_NS, "answered after its fetch ended"
+        attrs = attributes(client)
+        assert (client.name, attrs["url.full"], attrs["http.response.status_code"]) == (
+            "GET", f"http://127.0.0.1:{nginx.port}/?n=REDACTED", 200)
+        assert (attrs["server.address"], attrs["server.port"], attrs["network.peer.port"]) == (
+            "127.0.0.1", nginx.port, nginx.port)

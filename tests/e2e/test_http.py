@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.e2e.conftest import Output, clean_env
+from tests.e2e.servers import LIBCURL
 from tests.e2e.spancheck import CLOCK_SLACK_NS, attributes, check_tree, match, match_requests, named
 from tests.ground_truth import HTTP_CLIENT, HTTPSERVER, NESTED, ClientRequest, GroundTruth, parse, parse_client
 
@@ -22,7 +23,6 @@ PER_SPAN = ("thread.id", "network.peer.port")  # checked apart from the other at
 # The peer as accept (or getpeername) returned it: there for every request, however short its connection.
 FROM_ACCEPT = {"network.peer.address": "127.0.0.1", "client.address": "127.0.0.1"}
 PIPELINED = ("/work?n=7&via=pipelined", "/work?n=3&via=pipelined")
-LIBCURL = "/usr/lib/x86_64-linux-gnu/libcurl.so.4"  # curl's transfers: curl_easy_perform
 
 
 def otlp_env(receiver) -> dict[str, str]:

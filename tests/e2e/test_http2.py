@@ -1,12 +1,15 @@
 """HTTP/2 and gRPC servers as they really run: Debian's nginx over h2c (prior knowledge) and over TLS (ALPN h2),
 Python's grpcio server (a thread pool behind C-core's event engine, writes gathered from many slices). Several
 streams at once on one connection, each with a traceparent of its own; every SERVER span is checked against what
-the client sent and received (trace, parent, method or RPC, status) and against its own clock readings."""
+the client sent and received (trace, parent, method or RPC, status) and against its own clock readings. As
+clients: curl (libcurl with nghttp2) and grpcio's client, each stream a CLIENT span checked against the server's
+answers and the client's timing."""
 
 from __future__ import annotations
 
 import secrets
 import signal
+import subprocess
 import sys
 import time
 
@@ -15,7 +18,8 @@ import h2.connection
 import h2.events
 import pytest
 
-from tests.e2e.servers import LIBC, Exchange, Nginx, connect, exported_spans, traced_nginx, traces_to
+from tests.e2e.servers import (LIBC, LIBCURL, Exchange, Nginx, connect, exported_spans, traced_nginx, traces_to,
+                               wait_for_port)
 from tests.e2e.spancheck import CLOCK_SLACK_NS, attributes
 
 
@@ -210,3 +214,114 @@ def test_grpc_server_calls(tracer, receiver):
     ended = sorted(servers[c[1]].end_time_unix_nano for c in calls[3:])
     assert started[-1] < ended[0], "the three slow calls overlap: streams at once on one connection"
     assert len({attributes(s)["network.peer.port"] for s in servers.values()}) == 1, "one channel, one connection"
+
+
+def test_curl_http2_requests_become_client_spans(tracer, receiver, tmp_path):
+    """curl started under a trace (TRACEPARENT) fetches three URLs from nginx over h2c by prior knowledge, then
+    a fourth with a traceparent header of its own: the first three become CLIENT spans, children of the
+    curl_easy_perform call that made them, with nginx's answers; the fourth is the program's own (no CLIENT
+    span, counted). Each URL names another host (all nginx): this curl fails reusing an h2c connection (an
+    HTTP/2 framing error, also untraced)."""
+    nginx = Nginx(tmp_path / "nginx", workers=1, http2=True)
+    subprocess.run(nginx.argv(foreground=False), check=True, timeout=30)
+    trace_id, span_id, own = secrets.token_hex(16), secrets.token_hex(8), secrets.token_hex(16)
+    hosts = ["a.test", "b.test", "c.test", "d.test"]
+    resolve = [arg for host in hosts for arg in ("--resolve", f"{host}:{nginx.port}:127.0.0.1")]
+    paths = ["/?q=1", "/missing", "/busy"]
+    urls = [f"http://{host}:{nginx.port}{path}" for host, path in zip(hosts, paths)]
+    try:
+        wait_for_port(nginx.port)
+        t = tracer(["trace", LIBCURL, "curl_easy_perform", "--", "curl", "-s", "--http2-prior-knowledge", *resolve,
+                    *(arg for url in urls for arg in ("-o", "/dev/null", url)), "--next", "-s",
+                    "--http2-prior-knowledge", *resolve, "-o", "/dev/null", "-H",
+                    f"traceparent: 00-{own}-{'1' * 16}-01", f"http://{hosts[3]}:{nginx.port}/"],
+                   TRACEPARENT=f"00-{trace_id}-{span_id}-01", **traces_to(receiver))
+        assert t.finish() == 0, t.stderr
+    finally:
+        nginx.stop()
+    assert [path for _, _, path in nginx.served()] == ["/index.html", "/missing", "/busy", "/index.html"]
+    assert "1 outbound requests carried a traceparent" in t.stderr, t.stderr
+    received = exported_spans(t, receiver)
+    performs = {s.span_id: s for _, s in received if s.name == "curl_easy_perform"}
+    clients = sorted((s for _, s in received if s.kind == s.SPAN_KIND_CLIENT), key=lambda s: s.start_time_unix_nano)
+    assert len(performs) == 4 and len(clients) == 3, [(s.name, s.kind) for _, s in received]
+    assert {s.trace_id.hex() for s in performs.values()} == {trace_id}
+    for host, path, status, client in zip(hosts, paths, [200, 404, 503], clients):
+        attrs = attributes(client)
+        assert client.trace_id.hex() == trace_id and client.parent_span_id in performs, "under its curl call"
+        caller = performs[client.parent_span_id]
+        assert caller.start_time_unix_nano <= client.start_time_unix_nano <= client.end_time_unix_nano <= (
+            caller.end_time_unix_nano), "within its caller (one clock: exact)"
+        query = "?q=REDACTED" if "?" in path else ""
+        assert (client.name, attrs["url.full"], attrs["http.response.status_code"]) == (
+            "GET", f"http://{host}:{nginx.port}{path.partition('?')[0]}{query}", status)
+        assert (attrs["server.address"], attrs["server.port"]) == (host, nginx.port)
+        assert (attrs["network.peer.address"], attrs["network.peer.port"]) == ("127.0.0.1", nginx.port)
+        assert attrs["network.protocol.version"] == "2"
+        assert attrs.get("error.type") == (None if status == 200 else str(status))
+    assert len({s.parent_span_id for s in clients}) == 3, "one curl call each"
+
+
+# A grpcio client under a trace: unary calls one after the other (OK, NOT_FOUND, UNKNOWN), three at once on the
+# same channel, then one carrying a traceparent of its own. One line per call: body, code, sent_ns, received_ns.
+GRPC_CLIENT = """
+import grpc, sys, time
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    say = channel.unary_unary("/demo.Greeter/SayHello")
+    def call(body, metadata=()):
+        sent = time.time_ns()
+        try:
+            say(body, metadata=metadata)
+            code = "OK"
+        except grpc.RpcError as error:
+            code = error.code().name
+        print("call", body.decode(), code, sent, time.time_ns(), flush=True)
+    for body in (b"a", b"missing", b"crash"):
+        call(body)
+    sent = time.time_ns()
+    futures = [say.future(b"slow") for _ in range(3)]
+    for future in futures:
+        future.result()
+        print("call slow OK", sent, time.time_ns(), flush=True)
+    call(b"own", (("traceparent", "00-" + "2" * 32 + "-" + "3" * 16 + "-01"),))
+"""
+
+
+def test_grpc_client_calls_become_client_spans(tracer, receiver):
+    """grpcio's client (C-core writes from its own threads: no probed call there) traced under TRACEPARENT,
+    calling an untraced grpcio server: one CLIENT span per call, children of the process's parent span, named
+    by the method, every code but OK an error of the call, within the client's own timing; the call that carried
+    a traceparent of its own has none (counted)."""
+    server = subprocess.Popen([sys.executable, "-c", GRPC_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+        t = tracer(["trace", LIBC, "getpid", "--", sys.executable, "-c", GRPC_CLIENT, f"127.0.0.1:{port}"],
+                   TRACEPARENT=f"00-{trace_id}-{span_id}-01", **traces_to(receiver))
+        assert t.finish() == 0, t.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(30)
+    calls = [line.split()[1:] for line in t.stdout.splitlines() if line.startswith("call ")]
+    assert [(body, code) for body, code, _, _ in calls] == [
+        ("a", "OK"), ("missing", "NOT_FOUND"), ("crash", "UNKNOWN"), ("slow", "OK"), ("slow", "OK"), ("slow", "OK"),
+        ("own", "OK")]
+    assert "1 outbound requests carried a traceparent" in t.stderr, t.stderr
+    received = exported_spans(t, receiver)
+    clients = sorted((s for _, s in received if s.kind == s.SPAN_KIND_CLIENT), key=lambda s: s.start_time_unix_nano)
+    assert len(clients) == 6, [(s.name, s.kind) for _, s in received]
+    for (body, code, sent_ns, received_ns), client in zip(calls, clients):
+        attrs = attributes(client)
+        assert (client.trace_id.hex(), client.parent_span_id.hex()) == (trace_id, span_id)
+        assert (client.name, attrs["rpc.system.name"], attrs["rpc.method"], attrs["rpc.response.status_code"]) == (
+            "demo.Greeter/SayHello", "grpc", "demo.Greeter/SayHello", code)
+        assert attrs.get("error.type") == (None if code == "OK" else code)
+        assert (client.status.code == client.status.STATUS_CODE_ERROR) == (code != "OK")
+        assert (attrs["server.address"], attrs["server.port"], attrs["network.peer.port"]) == (
+            "127.0.0.1", port, port)
+        assert int(sent_ns) - CLOCK_SLACK_NS <= client.start_time_unix_nano, "written before the call began"
+        assert client.end_time_unix_nano <= int(received_ns) + CLOCK_SLACK_NS, "answered after the call returned"
+        if body == "slow":  # the server's own 200 ms sleep lies inside the span
+            assert client.end_time_unix_nano - client.start_time_unix_nano >= 200_000_000
+    slow = clients[3:]
+    assert max(s.start_time_unix_nano for s in slow) < min(s.end_time_unix_nano for s in slow), "at once"

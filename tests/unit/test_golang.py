@@ -17,8 +17,8 @@ from elftools.elf.elffile import ELFFile
 from otel_ebpf import symbols
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel.attach import Kind
-from otel_ebpf.kernel.layout import COOKIE_SPAWN
-from otel_ebpf.probes import spawn_sites
+from otel_ebpf.kernel.layout import COOKIE_GO_HOOK, GO_HOOK_NEWPROC, GO_HOOK_REQUEST_WRITE, GO_HOOK_ROUND_TRIP
+from otel_ebpf.probes import go_hook_sites
 from otel_ebpf.symbols import golang
 from tests.ground_truth import (GO_TRACED_FUNCTIONS, GOAPP, GOAPP_STRIPPED, LIBGREET, NESTED, build_examples,
                                 expected_go_counts, parse)
@@ -355,12 +355,18 @@ def test_symbols_command_marks_what_cannot_be_traced(tmp_path):
 
 
 @pytest.mark.parametrize("binary", GO_BUILDS, ids=["symtab", "stripped"])
-def test_runtime_newproc1_gets_an_entry_and_every_return(binary):
-    """Where goroutines start (bpf/http.bpf.c spawn_entry/spawn_return): one entry site, one per ret, all with
-    COOKIE_SPAWN and no probe id; a C binary has none."""
-    sites = spawn_sites(str(binary))
-    (function,) = symbols.resolve(str(binary), ["runtime.newproc1"])
-    assert [s.kind for s in sites].count(Kind.ENTRY) == 1 and Kind.RETURN_SITE in {s.kind for s in sites}
-    assert all(s.cookie == COOKIE_SPAWN for s in sites)
-    assert all(function.offset <= s.offset < function.offset + function.size for s in sites)
-    assert spawn_sites(str(NESTED)) == []
+def test_go_hooks_get_their_sites(binary):
+    """Where context passes between goroutines (bpf/http.bpf.c go_hook_entry): runtime.newproc1 gets one entry
+    site and one per ret, net/http's roundTrip and Request.write their entry only, each inside its function with
+    COOKIE_GO_HOOK and its hook id; a C binary has none."""
+    sites = go_hook_sites(str(binary))
+    for name, hook in (("runtime.newproc1", GO_HOOK_NEWPROC), ("net/http.(*Transport).roundTrip", GO_HOOK_ROUND_TRIP),
+                       ("net/http.(*Request).write", GO_HOOK_REQUEST_WRITE)):
+        (function,) = symbols.resolve(str(binary), [name])
+        mine = [s for s in sites if s.cookie == COOKIE_GO_HOOK | hook]
+        kinds = [s.kind for s in mine]
+        assert kinds.count(Kind.ENTRY) == 1, name
+        assert (Kind.RETURN_SITE in kinds) == (hook == GO_HOOK_NEWPROC), name
+        assert all(function.offset <= s.offset < function.offset + function.size for s in mine), name
+    assert all(s.cookie & ~0xFF == COOKIE_GO_HOOK for s in sites)
+    assert go_hook_sites(str(NESTED)) == []

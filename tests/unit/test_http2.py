@@ -114,3 +114,30 @@ def test_only_server_side_codes_are_errors_of_a_server_span(code, name, error):
     _, attrs = grpc.server_span(stream, None, None)
     assert attrs["rpc.response.status_code"] == name
     assert attrs.get("error.type") == (name if error else None)
+
+
+def test_a_client_connection_opens_streams_where_it_writes():
+    """Seen from the client: the preface and requests go out (written), responses come in (read); each stream
+    keeps the context its request's write was given, and ends at the response's END_STREAM."""
+    client, server, connection = Peer(), Peer(), Connection(client=True)
+    sent = PREFACE + frame(SETTINGS, 0, 0, b"") + client.headers(1, request_fields("/a.B/One"), END_HEADERS | END_STREAM)
+    assert connection.feed(True, sent, len(sent), 1_000, 7, "first write") == []
+    more = client.headers(3, request_fields("/a.B/Two"), END_HEADERS | END_STREAM)
+    assert connection.feed(True, more, len(more), 1_500, 8, "second write") == []
+    answer = (frame(SETTINGS, 0, 0, b"") + server.headers(3, [(":status", "200")]) + frame(DATA, END_STREAM, 3, b"x")
+              + server.headers(1, [(":status", "200"), ("grpc-status", "14")], END_HEADERS | END_STREAM))
+    two, one = connection.feed(False, answer, len(answer), 2_000, 9)
+    assert [(s.stream_id, s.start_ns, s.end_ns, s.tid, s.context) for s in (one, two)] == [
+        (1, 1_000, 2_000, 7, "first write"), (3, 1_500, 2_000, 8, "second write")]
+    assert one.response["grpc-status"] == "14" and two.status == 200
+
+
+@pytest.mark.parametrize("code, name", [("0", "OK"), ("5", "NOT_FOUND"), ("16", "UNAUTHENTICATED"), ("2", "UNKNOWN")])
+def test_every_code_but_ok_is_an_error_of_a_client_span(code, name):
+    stream = http2.Stream(1, 0, 0, {":path": "/a.B/C", ":authority": "svc:50051", "content-type": "application/grpc"},
+                          response={"grpc-status": code})
+    span_name, attrs = grpc.client_span(stream, ("10.0.0.1", 50051))
+    assert span_name == "a.B/C" and attrs == {
+        "rpc.system.name": "grpc", "rpc.method": "a.B/C", "rpc.response.status_code": name,
+        **({} if name == "OK" else {"error.type": name}), "server.address": "svc", "server.port": 50051,
+        "network.peer.address": "10.0.0.1", "network.peer.port": 50051}
