@@ -49,6 +49,7 @@ enum notice_kind {
 	NOTICE_FDS_CLOSED = 5,    /* struct fds_closed_notice */
 	NOTICE_HTTP2 = 6,         /* struct http2_notice */
 	NOTICE_HTTP_CLIENT = 7,   /* struct http_client_notice */
+	NOTICE_GO_STREAM = 8,     /* struct go_stream_notice */
 };
 
 /* The first bytes of every notice. */
@@ -240,6 +241,21 @@ struct http2_notice {
 #define HTTP2_SENT 1
 #define HTTP2_CLOSED 2
 
+/* A Go program started the goroutine that serves the next stream of an HTTP/2 connection it reads: a function
+ * of GO_STREAM_HANDLERS (user space) started by a goroutine that reads that connection, or was started by one.
+ * Its calls start from the ids here, which the stream's SERVER span takes: user space gives this to the oldest
+ * stream of the connection not yet served by one. */
+struct go_stream_notice {
+	struct notice_header header; /* NOTICE_GO_STREAM */
+	__u32 fd;
+	__u32 pid;
+	__u32 process_seq;
+	__u32 sampled;
+	__u64 ns;                /* CLOCK_MONOTONIC at the goroutine's start */
+	__u64 trace_id[2];
+	__u64 span_id;           /* of the SERVER span */
+};
+
 /* Descriptors [first, last] of a watched process that had sockets closed at once, without a close() per
  * descriptor: close_range, or the process's exit (0 to ~0). The requests on them end then. */
 struct fds_closed_notice {
@@ -259,6 +275,7 @@ struct event_layouts {
 	struct fds_closed_notice fds_closed;
 	struct http2_notice http2;
 	struct http_client_notice http_client;
+	struct go_stream_notice go_stream;
 };
 
 /* Slots of the `counters` map: things the kernel side could not do, so user space can report them. */

@@ -281,29 +281,83 @@ static __always_inline struct frame *innermost_call(struct call_stack *stack, st
 }
 
 /* runtime.newproc1(fn, callergp, callerpc, ...) begins: remember the creating goroutine (ABIInternal: its
- * second argument is in rbx). The process is a Go program. */
+ * second argument is in rbx) and whether the function it starts (fn, a funcval in rax: its first word) begins
+ * an HTTP/2 stream's goroutine. The process is a Go program. */
 static __always_inline void spawn_entry(struct pt_regs *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	__u64 creator = ctx->bx;
-	spawning.update(&id, &creator);
+	struct spawn spawn = {.creator = ctx->bx};
+	__u64 function = 0;
+	if (!bpf_probe_read_user(&function, sizeof(function), (void *)ctx->ax) && go_stream_starts.lookup(&function))
+		spawn.stream_start = 1;
+	spawning.update(&id, &spawn);
 	__u32 tgid = id >> 32;
 	struct process_info *info = processes.lookup(&tgid);
 	if (info)
 		info->flags |= PROCESS_GO; /* the runtime starts goroutines before main: known before any request */
 }
 
-/* runtime.newproc1 returns the new goroutine's g (rax): its calls start from the creator's innermost probed
- * call in flight, else from the creator's own start (a request it serves, a call of its creator's). */
+static __always_inline __u32 current_seq(void);
+
+/* The goroutine `child` serves the next stream of HTTP/2 connection `fd`: its calls start a trace of their own
+ * under the stream's SERVER span, whose ids user space learns here (and replaces, with a traceparent). */
+static __always_inline void start_stream(struct stack_key *child, __u32 fd)
+{
+	struct request_context stream = {.span_id = random_id(), .fd = fd};
+	stream.trace_id[0] = random_id();
+	stream.trace_id[1] = random_id();
+#ifdef PARENT_BASED
+	stream.sampled = 1; /* a traceparent header may decide; user space applies the rule */
+#else
+	stream.sampled = sample_root(stream.trace_id[1]);
+#endif
+	goroutine_requests.update(child, &stream);
+	struct bpf_pidns_info ns = {};
+	if (visible_ids(&ns))
+		return;
+	struct go_stream_notice *event = notices.ringbuf_reserve(sizeof(struct go_stream_notice));
+	if (!event) {
+		count(COUNTER_NOTICES_LOST);
+		return;
+	}
+	event->header.kind = NOTICE_GO_STREAM;
+	event->header.length = sizeof(*event);
+	event->fd = fd;
+	event->pid = ns.tgid;
+	event->process_seq = current_seq();
+	event->sampled = stream.sampled;
+	event->ns = bpf_ktime_get_ns();
+	event->trace_id[0] = stream.trace_id[0];
+	event->trace_id[1] = stream.trace_id[1];
+	event->span_id = stream.span_id;
+	notices.ringbuf_submit(event, 0);
+}
+
+/* runtime.newproc1 returns the new goroutine's g (rax). A stream's goroutine started by a reader of its
+ * connection serves that stream; any other goroutine's calls start from the creator's innermost probed call in
+ * flight, else from the creator's own start (a request it serves, a call of its creator's). A reader's
+ * goroutines read its connection too, as far as anyone knows. */
 static __always_inline void spawn_return(struct pt_regs *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	__u64 *creator = spawning.lookup(&id);
-	if (!creator)
+	struct spawn *spawn = spawning.lookup(&id);
+	if (!spawn)
 		return;
-	struct stack_key parent = {.goroutine = *creator, .tgid = id >> 32};
+	struct stack_key parent = {.goroutine = spawn->creator, .tgid = id >> 32};
 	struct stack_key child = {.goroutine = ctx->ax, .tgid = id >> 32};
+	__u32 stream_start = spawn->stream_start;
 	spawning.delete(&id);
+	__u32 *reader = h2_readers.lookup(&parent);
+	if (reader) {
+		__u32 fd = *reader;
+		h2_readers.update(&child, &fd);
+		if (stream_start) {
+			start_stream(&child, fd);
+			return;
+		}
+	} else {
+		h2_readers.delete(&child);
+	}
 	struct request_context context = {};
 	struct request_context *inherited = goroutine_requests.lookup(&parent);
 	if (!innermost_call(call_stacks.lookup(&parent), &context)) {
@@ -574,6 +628,16 @@ static __always_inline void send_http2_notice(struct socket_info *sock, struct p
 		count(COUNTER_NOTICES_LOST);
 }
 
+/* A goroutine of a Go program read HTTP/2 server connection `fd`: the stream goroutines it starts serve its
+ * streams. */
+static __always_inline void note_h2_reader(__u64 id, struct process_info *info, __u32 fd)
+{
+	if (!(info->flags & PROCESS_GO))
+		return;
+	struct stack_key reader = syscall_key(id, info);
+	h2_readers.update(&reader, &fd);
+}
+
 static __always_inline void response_read(__u64 id, struct pending_io *io, __u64 ret);
 
 /* `ret` bytes came in on descriptor io->fd (from the socket, or in plaintext from SSL_read): the start of a
@@ -594,6 +658,8 @@ static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 
 	}
 	if (sock->protocol == SOCKET_HTTP2 || sock->protocol == SOCKET_HTTP2_CLIENT) {
 		send_http2_notice(sock, io, ret, HTTP2_RECEIVED, flags, bpf_ktime_get_ns());
+		if (sock->protocol == SOCKET_HTTP2)
+			note_h2_reader(id, info, fd);
 		return;
 	}
 	__u64 length;
@@ -618,19 +684,19 @@ static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 
 			sock->held_length = length;
 		return;
 	}
-	if (length + held < 16) /* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
-		return;
 	__u32 head = 0;
 	if (bpf_probe_read_user(&head, sizeof(head), (void *)buf))
 		return;
 	if (held) /* little-endian: the held bytes first, then this read's */
 		head = sock->held | head << (8 * (held & (HELD_BYTES - 1)));
-	if (head == HTTP2_PREFACE_HEAD) {
+	if (head == HTTP2_PREFACE_HEAD && !held) { /* net/http reads "PRI * HTTP/2.0" alone (14 bytes) first */
 		sock->protocol = SOCKET_HTTP2;
 		send_http2_notice(sock, io, ret, HTTP2_RECEIVED, flags, bpf_ktime_get_ns());
+		note_h2_reader(id, info, fd);
 		return;
 	}
-	if (!starts_like_http(head))
+	/* the shortest request line, "GET / HTTP/1.1\n", is 15 bytes */
+	if (length + held < 16 || !starts_like_http(head))
 		return;
 	struct request_context fresh = {.span_id = random_id(), .thread = id, .fd = fd, .reads = 1};
 	fresh.trace_id[0] = random_id();

@@ -98,10 +98,25 @@ BPF_TABLE("lru_hash", struct connection_key, struct request_context, client_requ
  * nothing about them. */
 BPF_TABLE("lru_hash", struct stack_key, struct request_context, goroutine_requests, MAX_THREADS);
 
-/* The goroutine calling runtime.newproc1 on each thread (its callergp argument), from its entry to its
- * return, where the new goroutine's g is known. Keyed by pid_tgid: newproc1 runs on the system stack, on one
- * thread. */
-BPF_HASH(spawning, __u64, __u64, MAX_THREADS);
+/* The goroutine calling runtime.newproc1 on each thread (its callergp argument), and whether the goroutine it
+ * starts runs a function of go_stream_starts, from its entry to its return, where the new goroutine's g is
+ * known. Keyed by pid_tgid: newproc1 runs on the system stack, on one thread. */
+struct spawn {
+	__u64 creator;
+	__u32 stream_start;
+	__u32 pad;
+};
+BPF_HASH(spawning, __u64, struct spawn, MAX_THREADS);
+
+/* Entry addresses of the functions Go's HTTP/2 servers start each stream's goroutine with (gRPC-Go's handler
+ * closure, net/http's runHandler), in the Go executables being probed (not position-independent ones: their
+ * addresses are the symbols'), set by user space. */
+BPF_HASH(go_stream_starts, __u64, __u32, 64);
+
+/* The HTTP/2 server connection each goroutine of a Go program reads (a read of it, the preface's too), or
+ * that the goroutine that started it read: gRPC-Go's connection goroutine reads the preface, and the one it
+ * starts reads the streams (by the key of its call stack). LRU: goroutines end unseen. */
+BPF_TABLE("lru_hash", struct stack_key, __u32, h2_readers, MAX_THREADS);
 
 /* Requests Go's net/http client was given in a goroutine ((*Transport).roundTrip), by the *Request, until the
  * goroutine writing it to the connection takes them ((*Request).write): what their CLIENT spans are children of

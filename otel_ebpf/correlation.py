@@ -9,8 +9,8 @@ after all lose their parent. The SERVER span ends at the write that completes it
 else at the connection's next request or its close. Requests pipelined behind it in the same reads are only seen
 here: each gets a SERVER span of its own once the one before it was answered, and the calls that the kernel put in
 the first request's trace after that answer move to it (_Splits). HTTP/2 connections give each stream a span of its
-own (http2_connections.py); no probed call is linked to the streams a server serves. Outbound requests become CLIENT
-spans, placed in the trace their parent span ends up in (_place). Notices are read before the spans they explain
+own (http2_connections.py), and a Go server's stream goroutine has its calls under it. Outbound requests become
+CLIENT spans, placed in the trace their parent span ends up in (_place). Notices are read before the spans they explain
 (session.py), so a request is always known before the calls that serve it. All of it works on whole arrays of
 spans: a batch with no such span costs one comparison.
 """
@@ -173,7 +173,7 @@ class Correlator:
         self._splits = _Splits(MAX_TRACKED)
         # Processes whose TRACEPARENT only user space knows (found without their exec seen): by process key.
         self._user_parents: dict[int, SpanContext] = {}
-        self.http2 = Http2Connections(registry, sample_root, parent_based, self._place)
+        self.http2 = Http2Connections(registry, sample_root, parent_based, self._place, self._rewrites.add)
         self._clients: collections.OrderedDict[bytes, _Outbound] = collections.OrderedDict()  # by CLIENT span id
         self._client_connections: dict[tuple[int, int], bytes] = {}
         self._client_spans_owned = 0  # HTTP/1.x outbound requests with a traceparent
@@ -199,6 +199,8 @@ class Correlator:
                 out.extend(self._outbound(notice))
             elif isinstance(notice, layout.Http2Notice):
                 out.extend(self.http2.io(notice))
+            elif isinstance(notice, layout.GoStreamNotice):
+                self.http2.go_stream(notice)
             elif isinstance(notice, layout.FdsClosedNotice):
                 closed = [key for (pid, fd), key in self._connections.items()
                           if pid == notice.pid and notice.first <= fd <= notice.last]

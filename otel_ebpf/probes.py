@@ -91,6 +91,30 @@ def go_hook_sites(binary: str) -> list[Site]:
     return sites
 
 
+# The functions Go's HTTP/2 servers start each stream's goroutine with (bpf/http.bpf.c start_stream): gRPC-Go's
+# handler closure inside (*Server).serveStreams; the wrappers Go (1.22 on) makes of net/http's and x/net/http2's
+# `go sc.runHandler(...)` statements.
+GO_STREAM_HANDLERS = tuple(["google.golang.org/grpc.(*Server).serveStreams.func*.*"] + [
+    f"{server}.{caller}.gowrap*" for server in ("net/http.(*http2serverConn)", "golang.org/x/net/http2.(*serverConn)")
+    for caller in ("scheduleHandler", "handlerDone", "upgradeRequest")])
+
+
+def go_stream_starts(binary: str) -> list[int]:
+    """Entry addresses of a Go executable's GO_STREAM_HANDLERS, as they are at run time: none for a
+    position-independent one (its load address is the process's) or a binary without them."""
+    with open(binary, "rb") as f:
+        if ELFFile(f).header["e_type"] != "ET_EXEC" or golang.go_version(binary) is None:
+            return []
+    addresses = []
+    for pattern in GO_STREAM_HANDLERS:
+        try:
+            (_, found), = symbols.resolve_each(binary, [pattern])
+        except UserError:
+            continue
+        addresses += [f.address for f in found if ".deferwrap" not in f.name]
+    return addresses
+
+
 _DF_1_PIE = 0x08000000  # DT_FLAGS_1: a position-independent executable, not a library
 
 

@@ -26,7 +26,7 @@ from otel_ebpf.otlp.encode import SpanEncoder
 from otel_ebpf.otlp.retry import span_exporter
 from otel_ebpf.otlp.transport import otlp_transport
 from otel_ebpf.pipeline import BatchProcessor, ConsoleSink, Sink, line_per_item
-from otel_ebpf.probes import ProbeTable, go_hook_sites, is_executable, start_site
+from otel_ebpf.probes import ProbeTable, go_hook_sites, go_stream_starts, is_executable, start_site
 from otel_ebpf.processes import ProcessInfo, ProcessRegistry
 from otel_ebpf.protocols import tls
 
@@ -136,6 +136,7 @@ class _Probes:
             sites = [site for probe_id, probe in probes for site in probe.sites(probe_id)]
             if goroutines and any(probe.is_go for _, probe in probes):
                 sites += go_hook_sites(path)
+                program.mark_stream_starts(go_stream_starts(path))
             if not follow or is_executable(path):
                 start = start_site(path) if not follow and is_executable(path) else None
                 self._shared.append((path, sites + ([start] if start else [])))

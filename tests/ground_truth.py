@@ -43,6 +43,8 @@ HTTPSERVER = BUILD_DIR / "httpserver"
 HTTP_CLIENT = EXAMPLES_DIR / "http_client.py"
 GOAPP = BUILD_DIR / "goapp"
 GOAPP_STRIPPED = BUILD_DIR / "goapp-stripped"
+GOAPP_GO119 = BUILD_DIR / "goapp-go1.19"  # built with Debian's Go
+GOH2 = BUILD_DIR / "goh2"
 
 TRACED_FUNCTIONS = ("handle_request", "parse_request", "greet", "compute", "fib")
 GO_TRACED_FUNCTIONS = ("main.(*Server).handle", "main.(*Server).parse", "main.(*Server).fanOut", "main.work",

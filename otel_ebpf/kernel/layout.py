@@ -64,6 +64,7 @@ NOTICE_HTTP_RESPONSE = 4
 NOTICE_FDS_CLOSED = 5
 NOTICE_HTTP2 = 6
 NOTICE_HTTP_CLIENT = 7
+NOTICE_GO_STREAM = 8
 # process_info.flags (bpf/maps.h): written by user space when it registers a process itself.
 PROCESS_HAS_PARENT = 1
 PROCESS_PARENT_SAMPLED = 2
@@ -181,7 +182,11 @@ HTTP_CLIENT = NoticeType(NOTICE_HTTP_CLIENT, "http_client", _HEADER + (
     ("span_id", "8s"), ("parent_span_id", "8s"), ("sampled", "I"), ("length", "I"), ("family", "H"),
     ("peer_port", "H"), ("flags", "H"), ("pad", "H"), ("peer_addr", "16s"), ("data", f"{HTTP_REQUEST_CAPTURE}s"),
 ))
-NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CLIENT)
+GO_STREAM = NoticeType(NOTICE_GO_STREAM, "go_stream", _HEADER + (
+    ("fd", "I"), ("pid", "I"), ("process_seq", "I"), ("sampled", "I"), ("ns", "Q"), ("trace_id", "16s"),
+    ("span_id", "8s"),
+))
+NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CLIENT, GO_STREAM)
 # An exit notice is a process notice that ends before its identity.
 PROCESS_HEAD_SIZE = PROCESS.offsets()["identity.flags"][0]
 
@@ -262,6 +267,18 @@ class HttpClientNotice(NamedTuple):
     tls: bool = False  # written in plaintext to SSL_write: HTTPS
 
 
+class GoStreamNotice(NamedTuple):
+    """A Go program started the goroutine serving the next stream of an HTTP/2 connection: its calls' ids."""
+
+    fd: int
+    pid: int
+    process_seq: int
+    sampled: int
+    ns: int
+    trace_id: bytes
+    span_id: bytes  # of the stream's SERVER span
+
+
 class FdsClosedNotice(NamedTuple):
     """Descriptors first..last of a process closed at once (close_range, or its exit)."""
 
@@ -290,6 +307,7 @@ _REQUEST = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_REQUEST.fields))
 _RESPONSE = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_RESPONSE.fields))
 _FDS_CLOSED = FDS_CLOSED.struct
 _CLIENT = HTTP_CLIENT.struct
+_GO_STREAM = GO_STREAM.struct
 _HTTP2_HEAD = struct.Struct("<" + "".join(fmt for name, fmt in HTTP2.fields if name != "data"))
 
 
@@ -359,6 +377,8 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
                                 peer_address(family, port, addr), bool(flags & HTTP_TLS))
     if kind == NOTICE_FDS_CLOSED:
         return FdsClosedNotice(*_FDS_CLOSED.unpack_from(record)[2:])
+    if kind == NOTICE_GO_STREAM:
+        return GoStreamNotice(*_GO_STREAM.unpack_from(record)[2:])
     return None
 
 

@@ -22,6 +22,7 @@ from otel_ebpf.kernel.bpf import BPF_TRACE_UPROBE_MULTI
 
 MAPS = ("spans", "notices", "counters", "latency", "call_stacks", "processes")  # handed over in this order
 PIDNS_MAPS = ("pending_follows", "pending_follows_count")  # and these, built for a child PID namespace
+HTTP_MAPS = ("go_stream_starts",)  # and these, built with HTTP tracing
 PROGRAMS = ("otel_entry", "otel_return")
 FDS_PER_MESSAGE = 250  # the kernel accepts at most 253 descriptors per message (SCM_MAX_FD)
 

@@ -114,7 +114,7 @@ class Program:
         multi_links = attach_mode == "multi"
         flags = cflags(tunables)
         maps = (loader.MAPS + (loader.PIDNS_MAPS if any(f.startswith("-DPIDNS_INO") for f in flags) else ())
-                + (layout.COUNTED_MAPS if tunables.http else ()))
+                + (layout.COUNTED_MAPS + loader.HTTP_MAPS if tunables.http else ()))
         fds, self._tracepoint_fds = _run_loader({"source": source(), "cflags": flags, "multi": multi_links,
                                                 "maps": maps})
         self.maps = dict(zip(maps, fds))
@@ -143,6 +143,11 @@ class Program:
         bpf.map_update(self.maps["pending_follows"], struct.pack("<I", pid), value)
         count = int.from_bytes(bpf.map_lookup(self.maps["pending_follows_count"], bytes(4), 4), "little")
         bpf.map_update(self.maps["pending_follows_count"], bytes(4), struct.pack("<I", count + 1))
+
+    def mark_stream_starts(self, addresses: list[int]) -> None:
+        """Where Go's HTTP/2 servers start stream goroutines (probes.go_stream_starts): those serve a stream."""
+        for address in addresses:
+            bpf.map_update(self.maps["go_stream_starts"], struct.pack("<Q", address), struct.pack("<I", 1))
 
     def followed_count(self) -> int:
         """Processes the kernel follows right now."""

@@ -7,6 +7,7 @@ answers and the client's timing."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from tests.e2e.servers import (LIBC, LIBCURL, Exchange, Nginx, connect, exported_spans, traced_nginx, traces_to,
                                wait_for_port)
 from tests.e2e.spancheck import CLOCK_SLACK_NS, attributes
+from tests.ground_truth import GOH2
 
 
 
@@ -324,4 +326,106 @@ def test_grpc_client_calls_become_client_spans(tracer, receiver):
         if body == "slow":  # the server's own 200 ms sleep lies inside the span
             assert client.end_time_unix_nano - client.start_time_unix_nano >= 200_000_000
     slow = clients[3:]
+    assert max(s.start_time_unix_nano for s in slow) < min(s.end_time_unix_nano for s in slow), "at once"
+
+
+_GO_CALL = re.compile(r"(greet|lookup) body=(\S+) start=(\d+) end=(\d+)")
+
+
+def go_calls(stdout: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """goh2's clock readings: (function, body) -> (start, end)."""
+    return {(fn, body): (int(start), int(end)) for fn, body, start, end in _GO_CALL.findall(stdout)}
+
+
+def check_go_handler(server, functions, body: str, truth) -> None:
+    """The handler's greet(body) is the child of its stream's SERVER span, lookup (on a goroutine greet started)
+    greet's, in one trace, nested in time and around goh2's own clock readings."""
+    (greet,) = [s for s in functions if s.name == "main.greet" and s.parent_span_id == server.span_id]
+    (lookup,) = [s for s in functions if s.name == "main.lookup" and s.parent_span_id == greet.span_id]
+    assert greet.trace_id == lookup.trace_id == server.trace_id, "one trace per stream"
+    assert server.start_time_unix_nano <= greet.start_time_unix_nano <= lookup.start_time_unix_nano
+    assert lookup.end_time_unix_nano <= greet.end_time_unix_nano <= server.end_time_unix_nano
+    for span, fn in ((greet, "greet"), (lookup, "lookup")):
+        start, end = truth[(fn, body)]
+        assert span.start_time_unix_nano <= start + CLOCK_SLACK_NS and end - CLOCK_SLACK_NS <= (
+            span.end_time_unix_nano), f"{fn}({body}) inside its span"
+
+
+def test_grpc_go_handlers_are_under_their_streams(tracer, receiver):
+    """gRPC-Go serves each stream on a goroutine of its own, started by the goroutine that reads the connection:
+    the handler's greet call, and lookup on a goroutine greet starts, are children of their own stream's SERVER
+    span, in the caller's trace: calls one after the other (OK, NOT_FOUND, UNKNOWN), three at once on one
+    connection, and one without a traceparent (a trace of its own, greet under its SERVER span all the same).
+    Checked against goh2's own clock readings."""
+    import grpc
+
+    t = tracer(["trace", str(GOH2), "main.greet", "main.lookup", "--", str(GOH2), "grpc"], **traces_to(receiver))
+    calls = []  # [body, trace id or None, span id, code name]
+    try:
+        port = int(t.wait_stdout(r"listening port=(\d+)")[1])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            say = channel.unary_unary("/demo.Greeter/SayHello")
+
+            def metadata(body: bytes):
+                trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+                calls.append([body.decode(), trace_id, span_id, None])
+                return (("traceparent", f"00-{trace_id}-{span_id}-01"),)
+
+            for body in (b"a", b"missing", b"crash"):
+                try:
+                    say(body, metadata=metadata(body))
+                    calls[-1][3] = "OK"
+                except grpc.RpcError as error:
+                    calls[-1][3] = error.code().name
+            futures = [say.future(body, metadata=metadata(body)) for body in (b"slow1", b"slow2", b"slow3")]
+            for call, future in zip(calls[3:], futures):
+                assert future.result() == b"hello " + call[0].encode()
+                call[3] = "OK"
+            assert say(b"plain") == b"hello plain"
+            calls.append(["plain", None, None, "OK"])
+    finally:
+        t.proc.send_signal(signal.SIGINT)
+    assert t.finish() == 0, t.stderr
+    assert [c[3] for c in calls] == ["OK", "NOT_FOUND", "UNKNOWN", "OK", "OK", "OK", "OK"]
+    truth = go_calls(t.stdout)
+    assert len(truth) == 2 * len(calls), t.stdout
+    received = exported_spans(t, receiver)
+    servers = [s for _, s in received if s.kind == s.SPAN_KIND_SERVER]
+    functions = [s for _, s in received if s.kind == s.SPAN_KIND_INTERNAL]
+    assert len(servers) == len(calls) and len(functions) == 2 * len(calls), [(s.name, s.kind) for _, s in received]
+    for body, trace_id, span_id, code in calls:
+        (server,) = [s for s in servers if (s.trace_id.hex() == trace_id if trace_id else not s.parent_span_id)]
+        assert (server.parent_span_id.hex() or None) == span_id
+        assert attributes(server)["rpc.response.status_code"] == code
+        check_go_handler(server, functions, body, truth)
+    slow = [s for s in servers if attributes(s)["rpc.method"] and s.trace_id.hex() in {c[1] for c in calls[3:6]}]
+    assert max(s.start_time_unix_nano for s in slow) < min(s.end_time_unix_nano for s in slow), "at once"
+
+
+def test_go_net_http_h2c_handlers_are_under_their_streams(tracer, receiver):
+    """net/http's own unencrypted HTTP/2 (prior knowledge): the connection's serving goroutine reads the preface
+    and starts a handler goroutine per stream; three streams at once, then two more, each with a traceparent:
+    every handler's greet (and lookup) under its own stream's SERVER span, with the status the client saw."""
+    t = tracer(["trace", str(GOH2), "main.greet", "main.lookup", "--", str(GOH2), "h2c"], **traces_to(receiver))
+    try:
+        port = int(t.wait_stdout(r"listening port=(\d+)")[1])
+        client = H2Client(port, tls=False)
+        exchanges = client.exchange([("GET", f"/?body=slow{i}") for i in range(3)])
+        exchanges += client.exchange([("GET", "/?body=missing"), ("GET", "/?body=crash")])
+        client.close()
+    finally:
+        t.proc.send_signal(signal.SIGINT)
+    assert t.finish() == 0, t.stderr
+    assert [e.status for e in exchanges] == [200, 200, 200, 404, 500]
+    truth = go_calls(t.stdout)
+    received = exported_spans(t, receiver)
+    servers = {s.trace_id.hex(): s for _, s in received if s.kind == s.SPAN_KIND_SERVER}
+    functions = [s for _, s in received if s.kind == s.SPAN_KIND_INTERNAL]
+    assert len(servers) == len(exchanges) and len(functions) == 2 * len(exchanges), t.stderr
+    for e in exchanges:
+        server = servers[e.trace_id]
+        attrs = check_server_span(server, e)
+        assert (attrs["http.response.status_code"], attrs["url.query"]) == (e.status, e.path.partition("?")[2])
+        check_go_handler(server, functions, e.path.partition("=")[2], truth)
+    slow = [servers[e.trace_id] for e in exchanges[:3]]
     assert max(s.start_time_unix_nano for s in slow) < min(s.end_time_unix_nano for s in slow), "at once"

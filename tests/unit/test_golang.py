@@ -18,9 +18,9 @@ from otel_ebpf import symbols
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel.attach import Kind
 from otel_ebpf.kernel.layout import COOKIE_GO_HOOK, GO_HOOK_NEWPROC, GO_HOOK_REQUEST_WRITE, GO_HOOK_ROUND_TRIP
-from otel_ebpf.probes import go_hook_sites
+from otel_ebpf.probes import GO_STREAM_HANDLERS, go_hook_sites, go_stream_starts
 from otel_ebpf.symbols import golang
-from tests.ground_truth import (GO_TRACED_FUNCTIONS, GOAPP, GOAPP_STRIPPED, LIBGREET, NESTED, build_examples,
+from tests.ground_truth import (GO_TRACED_FUNCTIONS, GOAPP, GOAPP_STRIPPED, GOH2, LIBGREET, NESTED, build_examples,
                                 expected_go_counts, parse)
 
 GO_BUILDS = [GOAPP, GOAPP_STRIPPED]
@@ -370,3 +370,25 @@ def test_go_hooks_get_their_sites(binary):
         assert all(function.offset <= s.offset < function.offset + function.size for s in mine), name
     assert all(s.cookie & ~0xFF == COOKIE_GO_HOOK for s in sites)
     assert go_hook_sites(str(NESTED)) == []
+
+
+def test_stream_goroutine_starts_are_the_symbols_addresses():
+    """Where Go's HTTP/2 servers start stream goroutines (probes.GO_STREAM_HANDLERS): in goh2, gRPC-Go's handler
+    closure and net/http's three runHandler wrappers, at their symbols' addresses (the binaries are not PIE);
+    the stripped goapp finds net/http's from .gopclntab; a C binary has none."""
+    starts = go_stream_starts(str(GOH2))
+    names = {f.name: f.address for pattern in GO_STREAM_HANDLERS for _, found in
+             _resolved(GOH2, pattern) for f in found}
+    assert sorted(starts) == sorted(a for n, a in names.items() if ".deferwrap" not in n)
+    assert {n.rsplit(".", 1)[0] for n, a in names.items() if a in starts} == {
+        "google.golang.org/grpc.(*Server).serveStreams.func2", "net/http.(*http2serverConn).scheduleHandler",
+        "net/http.(*http2serverConn).handlerDone", "net/http.(*http2serverConn).upgradeRequest"}
+    assert len(go_stream_starts(str(GOAPP_STRIPPED))) == 3
+    assert go_stream_starts(str(NESTED)) == []
+
+
+def _resolved(binary, pattern):
+    try:
+        return symbols.resolve_each(str(binary), [pattern])
+    except UserError:
+        return []

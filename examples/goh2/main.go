@@ -1,8 +1,10 @@
-// gogrpc is the gRPC-Go server the tests trace: one unary method, demo.Greeter/SayHello, on raw
-// bytes (no generated code), served as gRPC-Go serves every stream: on a goroutine of its own. The
-// handler calls greet, which starts a goroutine for lookup and waits for it.
+// goh2 is the Go HTTP/2 server the tests trace, each stream served on a goroutine of its own: gRPC-Go
+// with one unary method, demo.Greeter/SayHello, on raw bytes (no generated code), or net/http over h2c
+// (prior knowledge) where GET /?body=B answers greet(B). Either way the handler calls greet, which
+// starts a goroutine for lookup and waits for it.
 //
-//	gogrpc    serves on 127.0.0.1 (a free port) until SIGINT/SIGTERM
+//	goh2 grpc    gRPC on 127.0.0.1 (a free port) until SIGINT/SIGTERM
+//	goh2 h2c     net/http's unencrypted HTTP/2 the same way: status 404 for "missing", 500 for "crash"
 //
 // stdout: `pid N`, `listening port=P`, then per call `greet body=B start=NS end=NS` and
 // `lookup body=B start=NS end=NS` (CLOCK_REALTIME inside the function). A body "missing" answers
@@ -14,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -89,24 +92,54 @@ var greeter = grpc.ServiceDesc{
 	Methods:     []grpc.MethodDesc{{MethodName: "SayHello", Handler: sayHello}},
 }
 
+// answer serves GET /?body=B over HTTP/2.
+func answer(w http.ResponseWriter, r *http.Request) {
+	reply, err := greet(r.URL.Query().Get("body"))
+	switch {
+	case status.Code(err) == codes.NotFound:
+		http.Error(w, err.Error(), http.StatusNotFound)
+	case err != nil:
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+	default:
+		fmt.Fprint(w, reply)
+	}
+}
+
 func main() {
+	if len(os.Args) != 2 || os.Args[1] != "grpc" && os.Args[1] != "h2c" {
+		fmt.Fprintln(os.Stderr, "usage: goh2 grpc | goh2 h2c")
+		os.Exit(2)
+	}
 	fmt.Printf("pid %d\n", os.Getpid())
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "gogrpc:", err)
+		fmt.Fprintln(os.Stderr, "goh2:", err)
 		os.Exit(1)
 	}
 	fmt.Printf("listening port=%d\n", listener.Addr().(*net.TCPAddr).Port)
-	server := grpc.NewServer(grpc.ForceServerCodec(raw{}))
-	server.RegisterService(&greeter, struct{}{})
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	go func() {
-		<-ctx.Done()
-		server.GracefulStop()
-	}()
-	if err := server.Serve(listener); err != nil {
-		fmt.Fprintln(os.Stderr, "gogrpc:", err)
+	if os.Args[1] == "grpc" {
+		server := grpc.NewServer(grpc.ForceServerCodec(raw{}))
+		server.RegisterService(&greeter, struct{}{})
+		go func() {
+			<-ctx.Done()
+			server.GracefulStop()
+		}()
+		err = server.Serve(listener)
+	} else {
+		server := &http.Server{Handler: http.HandlerFunc(answer), Protocols: new(http.Protocols)}
+		server.Protocols.SetUnencryptedHTTP2(true)
+		go func() {
+			<-ctx.Done()
+			server.Shutdown(context.Background())
+		}()
+		if err = server.Serve(listener); errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "goh2:", err)
 		os.Exit(1)
 	}
 }

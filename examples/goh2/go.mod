@@ -1,4 +1,4 @@
-module gogrpc
+module goh2
 
 go 1.26.0
 
