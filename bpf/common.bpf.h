@@ -2,11 +2,16 @@
 #ifndef OTEL_EBPF_COMMON_BPF_H
 #define OTEL_EBPF_COMMON_BPF_H
 
+static __always_inline void count_n(__u32 slot, __u64 n)
+{
+	__u64 *total = counters.lookup(&slot);
+	if (total)
+		*total += n;
+}
+
 static __always_inline void count(__u32 slot)
 {
-	__u64 *n = counters.lookup(&slot);
-	if (n)
-		*n += 1;
+	count_n(slot, 1);
 }
 
 /* The pid and tid as the tracer sees them. A tracer in a child PID namespace (a container sharing the

@@ -43,13 +43,28 @@ struct user_iovec {
 	__u64 len;
 };
 
+/* The result of an insert into a counted LRU map: 0 (a new entry) is counted in `slot`; else the caller updates
+ * the entry that is there. */
+static __always_inline int exists(int inserted, __u32 slot)
+{
+	if (!inserted)
+		count(slot);
+	return inserted;
+}
+
+/* The result of a delete from a counted LRU map: 0 (an entry went) is counted in `slot`. */
+static __always_inline void removed(int deleted, __u32 slot)
+{
+	if (!deleted)
+		count(slot);
+}
+
 static __always_inline void keep_socket(struct connection_key *conn, struct socket_info *sock)
 {
-	if (sockets.insert(conn, sock)) {
+	if (exists(sockets.insert(conn, sock), COUNTER_SOCKETS_ADDED)) {
 		sockets.update(conn, sock);
 		return;
 	}
-	count(COUNTER_SOCKETS_ADDED);
 	__u32 limit = conn->fd + 1;
 	__u32 *known = socket_fd_limits.lookup(&conn->tgid);
 	if (!known || *known < limit)
@@ -58,36 +73,41 @@ static __always_inline void keep_socket(struct connection_key *conn, struct sock
 
 static __always_inline void forget_socket(struct connection_key *conn)
 {
-	if (!sockets.delete(conn))
-		count(COUNTER_SOCKETS_REMOVED);
+	removed(sockets.delete(conn), COUNTER_SOCKETS_REMOVED);
 }
 
 static __always_inline void keep_request(struct connection_key *conn, struct request_context *request)
 {
-	if (requests.insert(conn, request))
+	if (exists(requests.insert(conn, request), COUNTER_REQUESTS_ADDED))
 		requests.update(conn, request);
-	else
-		count(COUNTER_REQUESTS_ADDED);
 }
 
 static __always_inline void forget_request(struct connection_key *conn)
 {
-	if (!requests.delete(conn))
-		count(COUNTER_REQUESTS_REMOVED);
+	removed(requests.delete(conn), COUNTER_REQUESTS_REMOVED);
 }
 
 static __always_inline void serve_request(__u64 *thread, struct request_context *request)
 {
-	if (thread_requests.insert(thread, request))
+	if (exists(thread_requests.insert(thread, request), COUNTER_THREAD_REQUESTS_ADDED))
 		thread_requests.update(thread, request);
-	else
-		count(COUNTER_THREAD_REQUESTS_ADDED);
 }
 
 static __always_inline void stop_serving(__u64 *thread)
 {
-	if (!thread_requests.delete(thread))
-		count(COUNTER_THREAD_REQUESTS_REMOVED);
+	removed(thread_requests.delete(thread), COUNTER_THREAD_REQUESTS_REMOVED);
+}
+
+/* Where a goroutine's calls start (goroutine_requests). */
+static __always_inline void start_goroutine_from(struct stack_key *goroutine, struct request_context *context)
+{
+	if (exists(goroutine_requests.insert(goroutine, context), COUNTER_GOROUTINE_REQUESTS_ADDED))
+		goroutine_requests.update(goroutine, context);
+}
+
+static __always_inline void forget_goroutine(struct stack_key *goroutine)
+{
+	removed(goroutine_requests.delete(goroutine), COUNTER_GOROUTINE_REQUESTS_REMOVED);
 }
 
 /* The first four bytes of every HTTP/1.x method user space knows, little-endian. */
@@ -311,7 +331,7 @@ static __always_inline void start_stream(struct stack_key *child, __u32 fd)
 #else
 	stream.sampled = sample_root(stream.trace_id[1]);
 #endif
-	goroutine_requests.update(child, &stream);
+	start_goroutine_from(child, &stream);
 	struct bpf_pidns_info ns = {};
 	if (visible_ids(&ns))
 		return;
@@ -350,25 +370,26 @@ static __always_inline void spawn_return(struct pt_regs *ctx)
 	__u32 *reader = h2_readers.lookup(&parent);
 	if (reader) {
 		__u32 fd = *reader;
-		h2_readers.update(&child, &fd);
+		if (exists(h2_readers.insert(&child, &fd), COUNTER_H2_READERS_ADDED))
+			h2_readers.update(&child, &fd);
 		if (stream_start) {
 			start_stream(&child, fd);
 			return;
 		}
 	} else {
-		h2_readers.delete(&child);
+		removed(h2_readers.delete(&child), COUNTER_H2_READERS_REMOVED);
 	}
 	struct request_context context = {};
 	struct request_context *inherited = goroutine_requests.lookup(&parent);
 	if (!innermost_call(call_stacks.lookup(&parent), &context)) {
 		if (!inherited) {
-			goroutine_requests.delete(&child);
+			forget_goroutine(&child);
 			return;
 		}
 		context = *inherited;
 		context.goroutine = 0; /* not the one that read it: the connection's close leaves this one */
 	}
-	goroutine_requests.update(&child, &context);
+	start_goroutine_from(&child, &context);
 }
 
 /* Whose calls a syscall of the current thread makes: the thread's, or in a Go program its goroutine's. */
@@ -429,7 +450,7 @@ static __always_inline int outbound_context(__u64 id, struct request_context *co
 		context->trace_id[1] = handed->trace_id[1];
 		context->sampled = handed->sampled;
 		*parent = handed->span_id;
-		go_writers.delete(&key);
+		removed(go_writers.delete(&key), COUNTER_GO_WRITERS_REMOVED);
 		return known;
 	}
 	return current_context(&key, context, parent);
@@ -449,7 +470,8 @@ static __always_inline void round_trip_entry(struct pt_regs *ctx)
 	else
 		__builtin_memset(&context, 0, sizeof(context));
 	struct go_request_key request = {.request = ctx->bx, .tgid = id >> 32};
-	go_requests.update(&request, &context);
+	if (exists(go_requests.insert(&request, &context), COUNTER_GO_REQUESTS_ADDED))
+		go_requests.update(&request, &context);
 }
 
 /* (*Request).write(w, ...) begins (the request in rax): the goroutine writes a request; if roundTrip handed it
@@ -462,8 +484,9 @@ static __always_inline void request_write_entry(struct pt_regs *ctx)
 	if (!context)
 		return;
 	struct stack_key writer = {.goroutine = ctx->r14, .tgid = id >> 32};
-	go_writers.update(&writer, context);
-	go_requests.delete(&request);
+	if (exists(go_writers.insert(&writer, context), COUNTER_GO_WRITERS_ADDED))
+		go_writers.update(&writer, context);
+	removed(go_requests.delete(&request), COUNTER_GO_REQUESTS_REMOVED);
 }
 
 static __always_inline void go_hook_entry(struct pt_regs *ctx, __u32 hook)
@@ -635,7 +658,8 @@ static __always_inline void note_h2_reader(__u64 id, struct process_info *info, 
 	if (!(info->flags & PROCESS_GO))
 		return;
 	struct stack_key reader = syscall_key(id, info);
-	h2_readers.update(&reader, &fd);
+	if (exists(h2_readers.insert(&reader, &fd), COUNTER_H2_READERS_ADDED))
+		h2_readers.update(&reader, &fd);
 }
 
 static __always_inline void response_read(__u64 id, struct pending_io *io, __u64 ret);
@@ -712,7 +736,7 @@ static __always_inline void read_request(__u64 id, struct pending_io *io, __u64 
 	keep_request(&conn, &fresh);
 	if (fresh.goroutine) {
 		struct stack_key serving = {.goroutine = fresh.goroutine, .tgid = tgid};
-		goroutine_requests.update(&serving, &fresh);
+		start_goroutine_from(&serving, &fresh);
 	}
 	serve_request(&id, &fresh);
 }
@@ -795,7 +819,8 @@ static __always_inline void request_written(__u64 id, struct socket_info *sock, 
 		outbound.trace_id[1] = random_id();
 		outbound.sampled = sample_root(outbound.trace_id[1]);
 	}
-	client_requests.update(&conn, &outbound);
+	if (exists(client_requests.insert(&conn, &outbound), COUNTER_CLIENT_REQUESTS_ADDED))
+		client_requests.update(&conn, &outbound);
 	struct bpf_pidns_info ns = {};
 	if (visible_ids(&ns))
 		return;
@@ -1072,7 +1097,7 @@ static __always_inline void close_connection(__u32 tgid, __u32 fd)
 	struct request_context *outbound = client_requests.lookup(&conn);
 	if (outbound) {
 		send_response_notice(outbound, &none, 0, 1, bpf_ktime_get_ns());
-		client_requests.delete(&conn);
+		removed(client_requests.delete(&conn), COUNTER_CLIENT_REQUESTS_REMOVED);
 	}
 	forget_socket(&conn);
 	struct request_context *request = requests.lookup(&conn);
@@ -1080,7 +1105,7 @@ static __always_inline void close_connection(__u32 tgid, __u32 fd)
 		return;
 	if (request->goroutine) {
 		struct stack_key serving = {.goroutine = request->goroutine, .tgid = tgid};
-		goroutine_requests.delete(&serving);
+		forget_goroutine(&serving);
 	}
 	send_response_notice(request, &none, 0, 1, bpf_ktime_get_ns());
 	struct request_context *serving = thread_requests.lookup(&request->thread);
@@ -1106,23 +1131,18 @@ static __always_inline void close_connections(__u32 tgid, __u32 first, __u32 las
 	if (!limit || first >= *limit)
 		return;
 	__u32 end = last < *limit ? last + 1 : *limit;
-	__u64 sockets_removed = 0, requests_removed = 0;
+	__u64 sockets_removed = 0, requests_removed = 0, clients_removed = 0;
 	for (__u32 fd = first, n = 0; n < SWEPT_FDS; fd++, n++) {
 		if (fd >= end)
 			break;
 		struct connection_key conn = {.tgid = tgid, .fd = fd};
 		sockets_removed += (__u64)(sockets.delete(&conn) + 2) >> 1;
 		requests_removed += (__u64)(requests.delete(&conn) + 2) >> 1;
-		client_requests.delete(&conn);
+		clients_removed += (__u64)(client_requests.delete(&conn) + 2) >> 1;
 	}
-	__u32 slot = COUNTER_SOCKETS_REMOVED;
-	__u64 *n = counters.lookup(&slot);
-	if (n)
-		*n += sockets_removed;
-	slot = COUNTER_REQUESTS_REMOVED;
-	n = counters.lookup(&slot);
-	if (n)
-		*n += requests_removed;
+	count_n(COUNTER_SOCKETS_REMOVED, sockets_removed);
+	count_n(COUNTER_REQUESTS_REMOVED, requests_removed);
+	count_n(COUNTER_CLIENT_REQUESTS_REMOVED, clients_removed);
 	struct bpf_pidns_info ns = {};
 	visible_ids(&ns);
 	struct fds_closed_notice *event = notices.ringbuf_reserve(sizeof(struct fds_closed_notice));

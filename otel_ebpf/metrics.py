@@ -71,8 +71,9 @@ COUNTERS = {
         "{call}", "Finished calls of probed functions that the kernel could not turn into spans.",
     ),
     "otel_ebpf.http.evicted": CounterInfo(
-        "{entry}", "Connections, requests and threads' requests the kernel forgot to make room (OTEL_EBPF_MAX_THREADS "
-        "entries each): requests on them go untraced, or unparented.",
+        "{entry}", "Entries the kernel forgot to make room (OTEL_EBPF_MAX_THREADS each), by map: connections, "
+        "requests, threads' and goroutines' requests, outbound requests, HTTP/2 readers: requests on them go "
+        "untraced, or unparented.",
     ),
     "otel_ebpf.http2.unfollowed": CounterInfo(
         "{connection}", "HTTP/2 connections whose frames were not all seen (a read or write too large to copy, one "

@@ -361,7 +361,7 @@ class Session:
             line += f"; {kernel['unmatched_return']} returns without a recorded entry"
         if kernel["notices_lost"]:
             line += f"; {kernel['notices_lost']} HTTP or process events lost to a full ring buffer"
-        evicted = [f"{n} {name.replace('_', ' ')}" for name, n in self.program.evicted(kernel).items() if n]
+        evicted = [f"{n} {layout.COUNTED_MAPS[name][1]}" for name, n in self.program.evicted(kernel).items() if n]
         if evicted:
             line += f"; the kernel forgot {', '.join(evicted)} to make room (raise {OTEL_EBPF_MAX_THREADS})"
         if self.correlator.client_spans_owned:

@@ -71,16 +71,17 @@ PROCESS_PARENT_SAMPLED = 2
 PROCESS_AWAIT_EXEC = 8
 PROCESS_GO = 16
 
+# The LRU maps whose entries are counted in and out (counters NAME_added and NAME_removed): their key sizes, and
+# what the summary calls their entries.
+COUNTED_MAPS = {"sockets": (8, "sockets"), "requests": (8, "requests"), "thread_requests": (8, "threads' requests"),
+                "goroutine_requests": (16, "goroutines' requests"), "client_requests": (8, "outbound requests"),
+                "h2_readers": (16, "goroutines reading HTTP/2"), "go_requests": (16, "Go requests handed over"),
+                "go_writers": (16, "Go requests being written")}
 # enum counter, by slot: the names metrics and the summary use.
-COUNTERS = ("spans_lost", "depth_exceeded", "unmatched_return", "notices_lost", "wakeups",
-            "sockets_added", "sockets_removed", "requests_added", "requests_removed",
-            "thread_requests_added", "thread_requests_removed")
+COUNTERS = ("spans_lost", "depth_exceeded", "unmatched_return", "notices_lost", "wakeups") + tuple(
+    f"{name}_{way}" for name in COUNTED_MAPS for way in ("added", "removed"))
 # The C names of the same slots, for the layout checks.
-COUNTER_ENUM = ("COUNTER_SPANS_LOST", "COUNTER_DEPTH_EXCEEDED", "COUNTER_UNMATCHED_RETURN", "COUNTER_NOTICES_LOST",
-                "COUNTER_WAKEUPS", "COUNTER_SOCKETS_ADDED", "COUNTER_SOCKETS_REMOVED", "COUNTER_REQUESTS_ADDED",
-                "COUNTER_REQUESTS_REMOVED", "COUNTER_THREAD_REQUESTS_ADDED", "COUNTER_THREAD_REQUESTS_REMOVED")
-# The LRU maps whose entries are counted in and out (counters NAME_added and NAME_removed).
-COUNTED_MAPS = ("sockets", "requests", "thread_requests")
+COUNTER_ENUM = tuple(f"COUNTER_{name.upper()}" for name in COUNTERS)
 
 # Every constant above with its C name, for tests/unit/test_event_layout.py.
 CONSTANTS = {name: value for name, value in globals().items() if name.isupper() and isinstance(value, int)}

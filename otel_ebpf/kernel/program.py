@@ -114,7 +114,7 @@ class Program:
         multi_links = attach_mode == "multi"
         flags = cflags(tunables)
         maps = (loader.MAPS + (loader.PIDNS_MAPS if any(f.startswith("-DPIDNS_INO") for f in flags) else ())
-                + (layout.COUNTED_MAPS + loader.HTTP_MAPS if tunables.http else ()))
+                + (tuple(layout.COUNTED_MAPS) + loader.HTTP_MAPS if tunables.http else ()))
         fds, self._tracepoint_fds = _run_loader({"source": source(), "cflags": flags, "multi": multi_links,
                                                 "maps": maps})
         self.maps = dict(zip(maps, fds))
@@ -175,8 +175,8 @@ class Program:
         """Entries of the counted LRU maps (layout.COUNTED_MAPS) pushed out to make room, from `counters`: what
         went in, less what was taken out and what is still there. Empty without HTTP tracing."""
         return {name: max(0, counters[f"{name}_added"] - counters[f"{name}_removed"]
-                          - bpf.count_keys(self.maps[name], 8))
-                for name in layout.COUNTED_MAPS if name in self.maps}
+                          - bpf.count_keys(self.maps[name], key_size))
+                for name, (key_size, _) in layout.COUNTED_MAPS.items() if name in self.maps}
 
     def call_stacks(self) -> int:
         """Threads and goroutines the kernel keeps a call stack for: should follow the live ones."""
