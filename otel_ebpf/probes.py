@@ -20,7 +20,6 @@ from otel_ebpf.kernel.layout import (COOKIE_GO, COOKIE_GO_HOOK, COOKIE_GOID_SHIF
 from otel_ebpf.otlp.encode import ProbeInfo
 from otel_ebpf.symbols import FunctionSymbol, golang
 
-# Where Go starts every goroutine: with it probed, a goroutine's calls start where its creator was.
 # Where context passes from one goroutine to another (bpf/http.bpf.c): the function, its hook, and whether its
 # returns are probed too.
 GO_HOOKS = (("runtime.newproc1", GO_HOOK_NEWPROC, True),
