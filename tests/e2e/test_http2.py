@@ -166,34 +166,41 @@ server.wait_for_termination()
 """
 
 
+def call_greeter(port: int, slow: list[bytes]) -> list[list]:
+    """Unary demo.Greeter/SayHello calls on one channel, each with a traceparent of its own: OK, NOT_FOUND,
+    UNKNOWN one after the other, then the `slow` ones at once. Returns [body, trace id, span id, code name,
+    sent_ns, received_ns] per call."""
+    import grpc
+
+    calls = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        say = channel.unary_unary("/demo.Greeter/SayHello")
+
+        def metadata(body: bytes):
+            trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+            calls.append([body, trace_id, span_id, None, time.time_ns(), 0])
+            return (("traceparent", f"00-{trace_id}-{span_id}-01"),)
+
+        for body in (b"a", b"missing", b"crash"):
+            try:
+                say(body, metadata=metadata(body))
+                calls[-1][3] = "OK"
+            except grpc.RpcError as error:
+                calls[-1][3] = error.code().name
+            calls[-1][5] = time.time_ns()
+        futures = [say.future(body, metadata=metadata(body)) for body in slow]
+        for call, future in zip(calls[3:], futures):
+            assert future.result() == b"hello " + call[0]
+            call[3], call[5] = "OK", time.time_ns()
+    return calls
+
+
 def test_grpc_server_calls(tracer, receiver):
     """Unary calls one after the other (OK, NOT_FOUND, UNKNOWN) and three at once on the same channel, each with
     a traceparent in its metadata."""
-    import grpc
-
     t = tracer(["trace", LIBC, "getpid", "--", sys.executable, "-c", GRPC_SERVER], **traces_to(receiver))
-    calls = []  # (body, trace id, span id, code name, sent_ns, received_ns)
     try:
-        port = int(t.wait_stdout(r"^(\d+)$")[1])
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            say = channel.unary_unary("/demo.Greeter/SayHello")
-
-            def metadata(body: bytes):
-                trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
-                calls.append([body, trace_id, span_id, None, time.time_ns(), 0])
-                return (("traceparent", f"00-{trace_id}-{span_id}-01"),)
-
-            for body in (b"a", b"missing", b"crash"):
-                try:
-                    say(body, metadata=metadata(body))
-                    calls[-1][3] = "OK"
-                except grpc.RpcError as error:
-                    calls[-1][3] = error.code().name
-                calls[-1][5] = time.time_ns()
-            futures = [say.future(b"slow", metadata=metadata(b"slow")) for _ in range(3)]
-            for call, future in zip(calls[3:], futures):
-                assert future.result() == b"hello slow"
-                call[3], call[5] = "OK", time.time_ns()
+        calls = call_greeter(int(t.wait_stdout(r"^(\d+)$")[1]), [b"slow"] * 3)
     finally:
         t.proc.send_signal(signal.SIGINT)
     assert t.finish() == 0, t.stderr
@@ -360,29 +367,12 @@ def test_grpc_go_handlers_are_under_their_streams(tracer, receiver):
     import grpc
 
     t = tracer(["trace", str(GOH2), "main.greet", "main.lookup", "--", str(GOH2), "grpc"], **traces_to(receiver))
-    calls = []  # [body, trace id or None, span id, code name]
     try:
         port = int(t.wait_stdout(r"listening port=(\d+)")[1])
+        calls = call_greeter(port, [b"slow1", b"slow2", b"slow3"])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            say = channel.unary_unary("/demo.Greeter/SayHello")
-
-            def metadata(body: bytes):
-                trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
-                calls.append([body.decode(), trace_id, span_id, None])
-                return (("traceparent", f"00-{trace_id}-{span_id}-01"),)
-
-            for body in (b"a", b"missing", b"crash"):
-                try:
-                    say(body, metadata=metadata(body))
-                    calls[-1][3] = "OK"
-                except grpc.RpcError as error:
-                    calls[-1][3] = error.code().name
-            futures = [say.future(body, metadata=metadata(body)) for body in (b"slow1", b"slow2", b"slow3")]
-            for call, future in zip(calls[3:], futures):
-                assert future.result() == b"hello " + call[0].encode()
-                call[3] = "OK"
-            assert say(b"plain") == b"hello plain"
-            calls.append(["plain", None, None, "OK"])
+            assert channel.unary_unary("/demo.Greeter/SayHello")(b"plain") == b"hello plain"
+        calls.append([b"plain", None, None, "OK", 0, 0])
     finally:
         t.proc.send_signal(signal.SIGINT)
     assert t.finish() == 0, t.stderr
@@ -394,11 +384,11 @@ def test_grpc_go_handlers_are_under_their_streams(tracer, receiver):
     servers = [s for _, s in received if s.kind == s.SPAN_KIND_SERVER]
     functions = [s for _, s in received if s.kind == s.SPAN_KIND_INTERNAL]
     assert len(servers) == len(calls) and len(functions) == 2 * len(calls), [(s.name, s.kind) for _, s in received]
-    for body, trace_id, span_id, code in calls:
+    for body, trace_id, span_id, code, _, _ in calls:
         (server,) = [s for s in servers if (s.trace_id.hex() == trace_id if trace_id else not s.parent_span_id)]
         assert (server.parent_span_id.hex() or None) == span_id
         assert attributes(server)["rpc.response.status_code"] == code
-        check_go_handler(server, functions, body, truth)
+        check_go_handler(server, functions, body.decode(), truth)
     slow = [s for s in servers if attributes(s)["rpc.method"] and s.trace_id.hex() in {c[1] for c in calls[3:6]}]
     assert max(s.start_time_unix_nano for s in slow) < min(s.end_time_unix_nano for s in slow), "at once"
 
