@@ -268,8 +268,10 @@ class BatchProcessor:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._queued < self._max_batch_size and self._stop_deadline is None:
-                    self._cond.wait(self._schedule_delay_s)
+                # Re-checked after each wake-up: another exporter thread may have taken the batch this one was
+                # woken for, and what it left is a partial batch that waits for the delay.
+                self._cond.wait_for(lambda: self._queued >= self._max_batch_size or self._stop_deadline is not None,
+                                    self._schedule_delay_s)
                 chunks = self._take()
                 if chunks:
                     self._has_room.notify()

@@ -126,6 +126,22 @@ def test_shutdown_flushes_everything_without_waiting_for_the_schedule():
     assert bp.stats["exported"] == 1007
 
 
+def test_several_exporter_threads_send_only_full_batches_before_the_schedule():
+    """A thread woken for a full batch that another thread took meanwhile goes back to waiting, instead of
+    exporting the rest as a partial batch (seen in CI: a batch of 255 out of a 60 s schedule)."""
+    sink = FlakySink()
+    lengths = []
+    sink.export = lambda batch, deadline: lengths.append(len(batch))
+    bp = processor([sink], encode=None, max_batch_size=50, max_queue_size=100_000, schedule_delay_s=60, exporters=4)
+    for item in range(5025):
+        bp.add([item])
+    wait_until(lambda: processed(bp) >= 5000, "the full batches to be exported")
+    never_within(lambda: processed(bp) > 5000, "the partial batch was exported before the schedule", QUIET_S)
+    assert lengths == [50] * 100
+    bp.shutdown(5)
+    assert processed(bp) == 5025
+
+
 def test_encode_runs_once_per_batch_for_several_byte_sinks(receiver, transports):
     calls = []
 
