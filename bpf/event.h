@@ -37,6 +37,7 @@ struct span_record {
 #define COOKIE_PROCESS_START (1ULL << 25) /* the entry point of a probed executable: watch the process */
 #define COOKIE_TLS (1ULL << 26)           /* OpenSSL's SSL_read & co. (http.bpf.c): the probe id is a TLS_* */
 #define COOKIE_GO_HOOK (1ULL << 27)       /* Go's runtime and net/http (http.bpf.c): the probe id is a GO_HOOK_* */
+#define COOKIE_CAPTURE (1ULL << 28)       /* the probe reads arguments or its result (capture_plans, capture.bpf.c) */
 #define COOKIE_GOID_SHIFT 32              /* bits 32-47: offset of goid in runtime.g, 0 when unknown */
 /* Probe ids are below this: the latency map has one slot per probe id, per CPU (336 bytes each). */
 #define MAX_PROBES 1024
@@ -50,6 +51,7 @@ enum notice_kind {
 	NOTICE_HTTP2 = 6,         /* struct http2_notice */
 	NOTICE_HTTP_CLIENT = 7,   /* struct http_client_notice */
 	NOTICE_GO_STREAM = 8,     /* struct go_stream_notice */
+	NOTICE_CAPTURE = 9,       /* struct capture_notice */
 };
 
 /* The first bytes of every notice. */
@@ -256,6 +258,76 @@ struct go_stream_notice {
 	__u64 span_id;           /* of the SERVER span */
 };
 
+/* What a probe reads of its calls, as a probe spec asks (user space writes it to capture_plans by probe id):
+ * values of argument registers at entry, and of the result register at the return. Nothing else is read. */
+#define MAX_CAPTURES 8           /* values read at entry, at most */
+#define CAPTURE_STRING_MAX 1024  /* the longest str<N> or hex<N> */
+#define CAPTURE_DATA 2048        /* bytes of strings one capture notice carries in all */
+
+/* capture_slot.kind */
+#define CAPTURE_NONE 0           /* an unused slot: the plan ends before it */
+#define CAPTURE_VALUE 1          /* the register itself: int, uint, bool, ptr */
+#define CAPTURE_STRING 2         /* a NUL-terminated string the register points to, up to `length` bytes */
+#define CAPTURE_BYTES 3          /* `length` bytes the register points to (hex<N>) */
+#define CAPTURE_GO_STRING 4      /* Go: pointer in `reg`, length in `length_reg`; up to `length` bytes */
+
+/* Registers a slot reads, as numbered here (not as in pt_regs). */
+#define REG_RDI 0
+#define REG_RSI 1
+#define REG_RDX 2
+#define REG_RCX 3
+#define REG_R8 4
+#define REG_R9 5
+#define REG_RAX 6
+#define REG_RBX 7
+#define REG_R10 8
+#define REG_R11 9
+
+struct capture_slot {
+	__u8 kind;               /* CAPTURE_* */
+	__u8 reg;                /* REG_* */
+	__u8 length_reg;         /* CAPTURE_GO_STRING: the register of its length */
+	__u8 pad;
+	__u16 length;            /* strings and bytes: the most copied, at most CAPTURE_STRING_MAX */
+	__u16 pad2;
+};
+
+struct capture_plan {
+	struct capture_slot entry[MAX_CAPTURES]; /* read at entry, in order, up to the first CAPTURE_NONE */
+	struct capture_slot result;              /* read at the return; CAPTURE_NONE: nothing */
+};
+
+/* One value as read: the register, or for strings and bytes where they are in capture_notice.data. */
+struct captured_value {
+	__u64 value;             /* CAPTURE_VALUE: the register; else the offset of its bytes in data */
+	__u16 length;            /* bytes copied */
+	__u16 flags;             /* CAPTURED_* */
+	__u32 pad;
+};
+
+/* captured_value.flags */
+#define CAPTURED_CUT 1           /* longer than the bound: only the first `length` bytes were copied */
+#define CAPTURED_FAULT 2         /* the memory could not be read (a NULL or bad pointer): no bytes */
+
+/* What a call's probe read at entry (at = CAPTURE_AT_ENTRY, sent as the call starts) or at its return
+ * (CAPTURE_AT_RETURN, sent just before its span): user space joins it to the span with the same span_id. The
+ * record ends after its strings' bytes. Sent only for sampled calls. */
+struct capture_notice {
+	struct notice_header header; /* NOTICE_CAPTURE */
+	__u32 pid;
+	__u32 probe_id;
+	__u64 span_id;           /* of the call's span */
+	__u16 at;                /* CAPTURE_AT_* */
+	__u16 count;             /* values that are valid */
+	__u32 data_length;       /* bytes of data that are valid */
+	struct captured_value values[MAX_CAPTURES];
+	__u8 data[2 * CAPTURE_DATA]; /* the second half is room for a last string, never sent past data_length */
+};
+
+/* capture_notice.at */
+#define CAPTURE_AT_ENTRY 0
+#define CAPTURE_AT_RETURN 1
+
 /* Descriptors [first, last] of a watched process that had sockets closed at once, without a close() per
  * descriptor: close_range, or the process's exit (0 to ~0). The requests on them end then. */
 struct fds_closed_notice {
@@ -276,6 +348,8 @@ struct event_layouts {
 	struct http2_notice http2;
 	struct http_client_notice http_client;
 	struct go_stream_notice go_stream;
+	struct capture_notice capture;
+	struct capture_plan capture_plan; /* not a notice: the value of capture_plans */
 };
 
 /* Slots of the `counters` map: things the kernel side could not do, so user space can report them. */

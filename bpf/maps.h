@@ -111,6 +111,13 @@ BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
 /* Per-CPU latency histograms by probe id (struct latency_slots), sampled or not, so every call is counted. */
 BPF_PERCPU_ARRAY(latency, struct latency_slots, MAX_PROBES);
 
+/* What each probe reads of its calls, by probe id (struct capture_plan), written by user space before it
+ * attaches: looked up only by probes whose cookie has COOKIE_CAPTURE. */
+BPF_ARRAY(capture_plans, struct capture_plan, MAX_PROBES);
+
+/* Room to build a capture notice in: too large for the BPF stack. */
+BPF_PERCPU_ARRAY(capture_scratch, struct capture_notice, 1);
+
 /* Never read or written at run time: its value type lets user space check the compiled event layout. */
 BPF_ARRAY(event_layout, struct event_layouts, 1);
 

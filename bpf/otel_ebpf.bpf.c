@@ -23,6 +23,7 @@
 #include "http.bpf.c"
 #include "tls.bpf.c"
 #endif
+#include "capture.bpf.c"
 #include "uprobe.bpf.c"
 #include "process.bpf.c"
 

@@ -184,6 +184,8 @@ int otel_entry(struct pt_regs *ctx)
 	stack->frames[depth].span_id = next_id(stack);
 	stack->frames[depth].probe_id = cookie & COOKIE_PROBE_ID_MASK;
 	stack->frames[depth].child_emitted = 0;
+	if ((cookie & COOKIE_CAPTURE) && stack->sampled)
+		capture_entry(ctx, cookie & COOKIE_PROBE_ID_MASK, stack->frames[depth].span_id);
 	return 0;
 }
 
@@ -236,6 +238,8 @@ int otel_return(struct pt_regs *ctx)
 	if (visible_ids(&ns))
 		return 0; /* a process outside the tracer's PID namespace: invisible to it */
 
+	if (cookie & COOKIE_CAPTURE)
+		capture_result(ctx, probe_id, frame->span_id, ns.tgid);
 	struct span_record *span = spans.ringbuf_reserve(sizeof(struct span_record));
 	if (!span) {
 		count(COUNTER_SPANS_LOST);

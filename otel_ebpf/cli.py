@@ -107,14 +107,15 @@ def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
     log = logging.getLogger("otel_ebpf")
     for spec in settings.probes:
         table = symbols.load(spec.binary, options, view)
-        matches = table.resolve_each(list(spec.symbols))
+        wanted = dict(planning.wanted(table, text) for text in spec.symbols)
+        matches = table.resolve_each(list(wanted))
         for f in {f.address: f for _, found in matches for f in found}.values():
             if f.ifunc:
                 log.warning("%s is an IFUNC: tracing %s, the implementation it runs here", f.ifunc, _implementation(f))
         planned, warning = planning.plan_matches(table.path, matches, spec.binary)
         if warning:
             log.warning("%s", warning)
-        probes.add(planned)
+        probes.add(planning.with_captures(planned, matches, wanted, table))
     session.check_mapped(settings.pids, probes)
     command = Command(command_argv) if command_argv is not None else None
     return session.run(settings, probes, command)

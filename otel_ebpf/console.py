@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from otel_ebpf.otlp.encode import SPAN_KIND_CLIENT, ServerSpan, SpanChunk
+from otel_ebpf.otlp.encode import SPAN_KIND_CLIENT, SPAN_KIND_INTERNAL, ServerSpan, SpanChunk
 
 NO_PARENT = "-"
 
@@ -52,8 +52,16 @@ class ConsoleFormat:
         return "".join(lines)
 
     def _server(self, s: ServerSpan) -> str:
-        """The request as a client would write it, and what the server answered."""
+        """The request as a client would write it, and what the server answered; a function span with its
+        captured values."""
         attrs = s.attributes
+        if s.kind == SPAN_KIND_INTERNAL:
+            shown = " ".join(f"{k}={v!r}" for k, v in attrs.items() if not k.startswith(("code.", "go.")))
+            goroutine = f" goroutine={attrs['go.goroutine.id']}" if "go.goroutine.id" in attrs else ""
+            return (f"{self._start(s.start_ns)} {(s.end_ns - s.start_ns) / 1e6:10.3f} ms  {'  ' * s.depth}{s.name}  "
+                    f"{s.resource.service_name} pid={s.process & 0xFFFFFFFF} tid={s.tid} trace={s.trace_id.hex()} "
+                    f"span={s.span_id.hex()} parent={s.parent_span_id.hex() if s.parent_span_id else NO_PARENT}"
+                    f"{goroutine}  {shown}")
         target = attrs.get("url.full") or attrs.get("url.path", "") + (
             f"?{attrs['url.query']}" if "url.query" in attrs else "")
         status = attrs.get("http.response.status_code", attrs.get("rpc.response.status_code", "no response"))

@@ -8,17 +8,19 @@ paired per goroutine (see symbols/golang.py for why, and for the function shapes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
+from otel_ebpf import captures as capturing
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel.attach import Kind, Site
 from otel_ebpf import symbols
-from otel_ebpf.kernel.layout import (COOKIE_GO, COOKIE_GO_HOOK, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START,
+from otel_ebpf.kernel.layout import (COOKIE_CAPTURE, COOKIE_GO, COOKIE_GO_HOOK, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START,
                                      GO_HOOK_NEWPROC, GO_HOOK_REQUEST_WRITE, GO_HOOK_ROUND_TRIP, MAX_PROBES)
 from otel_ebpf.otlp.encode import ProbeInfo
-from otel_ebpf.symbols import FunctionSymbol, golang
+from otel_ebpf.symbols import FunctionSymbol, SymbolTable, dwarf, golang
 
 # Where context passes from one goroutine to another (bpf/http.bpf.c): the function, its hook, and whether its
 # returns are probed too.
@@ -37,6 +39,7 @@ class Probe:
     returns: tuple[int, ...] = ()  # Go: its return instructions
     goid_offset: int = 0  # Go: where runtime.g keeps the goroutine id, 0 when unknown
     shown_as: str = ""  # the binary as the user named it, for spans and messages
+    captures: capturing.Plan | None = None  # what its calls' spans carry of their arguments and result
 
     @property
     def is_go(self) -> bool:
@@ -47,7 +50,8 @@ class Probe:
         return self.symbol.offset + address - self.symbol.address
 
     def sites(self, probe_id: int) -> list[Site]:
-        cookie = probe_id | (COOKIE_GO | self.goid_offset << COOKIE_GOID_SHIFT if self.is_go else 0)
+        cookie = probe_id | (COOKIE_GO | self.goid_offset << COOKIE_GOID_SHIFT if self.is_go else 0) | (
+            COOKIE_CAPTURE if self.captures else 0)
         entry = Site(self._offset(self.entry), Kind.ENTRY, cookie)
         if self.is_go:
             return [entry, *(Site(self._offset(ret), Kind.RETURN_SITE, cookie) for ret in self.returns)]
@@ -75,6 +79,31 @@ def plan_matches(binary: str, matches: list[tuple[str, list[FunctionSymbol]]], s
     selection = golang.select_traceable(binary, matches, shown_as or binary)
     return ([Probe(binary, f, shape.entry, shape.returns, goid_offset, shown_as) for f, shape in selection.traceable],
             selection.warning)
+
+
+def wanted(table: SymbolTable, text: str) -> tuple[str, capturing.CaptureSpec | None]:
+    """A probe spec's symbol and captures (captures.split); a spec that names a function exactly as written (a C++
+    signature such as `f(int)`) is that function, without captures."""
+    symbol, spec = capturing.split(text)
+    if spec is not None and not spec.result and any(text in entry.names for entry in table.entries):
+        return text, None
+    return symbol, spec
+
+
+def with_captures(probes: list[Probe], matches: list[tuple[str, list[FunctionSymbol]]],
+                  specs: dict[str, capturing.CaptureSpec | None], table: SymbolTable) -> list[Probe]:
+    """The probes with the capture plans their patterns ask for (the first pattern matching a function decides);
+    DWARF is read only when some pattern captures."""
+    by_address = {}
+    for pattern, found in matches:
+        for function in found:
+            by_address.setdefault(function.address, specs.get(pattern))
+    if not any(by_address.values()):
+        return probes
+    signatures = dwarf.signatures(table.source.file)
+    return [dataclasses.replace(probe, captures=capturing.plan(spec, probe.symbol.demangled, probe.is_go,
+                                                               signatures.get(probe.symbol.address)))
+            if (spec := by_address.get(probe.symbol.address)) else probe for probe in probes]
 
 
 def go_hook_sites(binary: str) -> list[Site]:

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
+from otel_ebpf.call_data import CallData
 from otel_ebpf.clock import WallClock
 from otel_ebpf.command import Command
 from otel_ebpf.config import (OTEL_EBPF_MAX_THREADS, OTEL_EBPF_RETRY_QUEUE_SIZE, OTEL_EBPF_SHUTDOWN_TIMEOUT,
@@ -200,6 +201,10 @@ class Session:
         self.registry = ProcessRegistry(settings.service_name, settings.resource_attributes)
         self.correlator = Correlator(self.registry, settings.sampler.samples, settings.sampler.parent_based,
                                      table.binary)
+        self.call_data = CallData(table)
+        for probe_id, probe in enumerate(table.probes):
+            if probe.captures:
+                self.program.set_capture_plan(probe_id, probe.captures.encode())
         encoder = SpanEncoder(table.info, self.clock)
         self.processor = BatchProcessor(
             encoder.encode,
@@ -264,6 +269,10 @@ class Session:
                   f"pid {', '.join(map(str, self.pids))} and descendants" if self.pids else "all processes")
         print(f"otel-ebpf: tracing {describe_functions(self.table)} in {target}; exporting to "
               f"{_describe(self.settings)}", file=self.log, flush=True)
+        for probe in self.table.probes:
+            if probe.captures:
+                print(f"otel-ebpf: reading {probe.symbol.demangled}{probe.captures.describe()}: these values are "
+                      "exported as span attributes", file=self.log, flush=True)
 
     def drain(self, limit: int | None = None) -> int:
         """Read what the kernel sent: notices first, then the spans committed before them, so that a request or a
@@ -271,6 +280,8 @@ class Session:
         until = self.spans_ring.producer_position
         notices = [n for n in map(layout.decode_notice, self.notices_ring.records()) if n is not None]
         if notices:
+            if self.call_data:
+                self.call_data.notices(notices)
             server_spans = self.correlator.notices(notices)
             if server_spans:
                 self.processor.add(server_spans)
@@ -280,7 +291,11 @@ class Session:
                         notice.pid)
         records = self.spans_ring.spans(self.processor.room() if limit is None else limit, until)
         if len(records):
-            self.processor.add(self.correlator.spans(records))
+            chunk, with_values = self.call_data.split(self.correlator.spans(records))
+            if len(chunk):
+                self.processor.add(chunk)
+            if with_values:
+                self.processor.add(with_values)
         self.registry.evict_exited()
         self.clock.maybe_refresh()
         return len(records)

@@ -25,6 +25,7 @@ COOKIE_GO = 1 << 24
 COOKIE_PROCESS_START = 1 << 25
 COOKIE_TLS = 1 << 26
 COOKIE_GO_HOOK = 1 << 27
+COOKIE_CAPTURE = 1 << 28
 GO_HOOK_NEWPROC = 1
 GO_HOOK_ROUND_TRIP = 2
 GO_HOOK_REQUEST_WRITE = 3
@@ -65,6 +66,29 @@ NOTICE_FDS_CLOSED = 5
 NOTICE_HTTP2 = 6
 NOTICE_HTTP_CLIENT = 7
 NOTICE_GO_STREAM = 8
+NOTICE_CAPTURE = 9
+MAX_CAPTURES = 8
+CAPTURE_STRING_MAX = 1024
+CAPTURE_DATA = 2048
+CAPTURE_NONE = 0
+CAPTURE_VALUE = 1
+CAPTURE_STRING = 2
+CAPTURE_BYTES = 3
+CAPTURE_GO_STRING = 4
+REG_RDI = 0
+REG_RSI = 1
+REG_RDX = 2
+REG_RCX = 3
+REG_R8 = 4
+REG_R9 = 5
+REG_RAX = 6
+REG_RBX = 7
+REG_R10 = 8
+REG_R11 = 9
+CAPTURED_CUT = 1
+CAPTURED_FAULT = 2
+CAPTURE_AT_ENTRY = 0
+CAPTURE_AT_RETURN = 1
 # process_info.flags (bpf/maps.h): written by user space when it registers a process itself.
 PROCESS_HAS_PARENT = 1
 PROCESS_PARENT_SAMPLED = 2
@@ -187,7 +211,18 @@ GO_STREAM = NoticeType(NOTICE_GO_STREAM, "go_stream", _HEADER + (
     ("fd", "I"), ("pid", "I"), ("process_seq", "I"), ("sampled", "I"), ("ns", "Q"), ("trace_id", "16s"),
     ("span_id", "8s"),
 ))
-NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CLIENT, GO_STREAM)
+CAPTURED_VALUE = struct.Struct("<QHHI")  # struct captured_value
+CAPTURE = NoticeType(NOTICE_CAPTURE, "capture", _HEADER + (
+    ("pid", "I"), ("probe_id", "I"), ("span_id", "8s"), ("at", "H"), ("count", "H"), ("data_length", "I"),
+    ("values", f"{MAX_CAPTURES * CAPTURED_VALUE.size}s"), ("data", f"{2 * CAPTURE_DATA}s"),
+))
+NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CLIENT, GO_STREAM, CAPTURE)
+# struct capture_slot, and struct capture_plan (not a notice: the value user space writes to capture_plans).
+CAPTURE_SLOT = struct.Struct("<BBBBHH")
+CAPTURE_PLAN = NoticeType(0, "capture_plan", (
+    ("entry", f"{MAX_CAPTURES * CAPTURE_SLOT.size}s"), ("result.kind", "B"), ("result.reg", "B"),
+    ("result.length_reg", "B"), ("result.pad", "B"), ("result.length", "H"), ("result.pad2", "H"),
+))
 # An exit notice is a process notice that ends before its identity.
 PROCESS_HEAD_SIZE = PROCESS.offsets()["identity.flags"][0]
 
@@ -280,6 +315,22 @@ class GoStreamNotice(NamedTuple):
     span_id: bytes  # of the stream's SERVER span
 
 
+class CapturedValue(NamedTuple):
+    value: int  # CAPTURE_VALUE: the register; else unused
+    data: bytes  # strings and bytes: what was copied
+    flags: int  # CAPTURED_*
+
+
+class CaptureNotice(NamedTuple):
+    """What a call's probe read at its entry or return (at), for the span with span_id."""
+
+    pid: int
+    probe_id: int
+    span_id: bytes
+    at: int  # CAPTURE_AT_ENTRY, CAPTURE_AT_RETURN
+    values: tuple[CapturedValue, ...]
+
+
 class FdsClosedNotice(NamedTuple):
     """Descriptors first..last of a process closed at once (close_range, or its exit)."""
 
@@ -309,6 +360,7 @@ _RESPONSE = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_RESPONSE.fields))
 _FDS_CLOSED = FDS_CLOSED.struct
 _CLIENT = HTTP_CLIENT.struct
 _GO_STREAM = GO_STREAM.struct
+_CAPTURE_HEAD = struct.Struct("<" + "".join(fmt for name, fmt in CAPTURE.fields if name != "data"))
 _HTTP2_HEAD = struct.Struct("<" + "".join(fmt for name, fmt in HTTP2.fields if name != "data"))
 
 
@@ -380,7 +432,20 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
         return FdsClosedNotice(*_FDS_CLOSED.unpack_from(record)[2:])
     if kind == NOTICE_GO_STREAM:
         return GoStreamNotice(*_GO_STREAM.unpack_from(record)[2:])
+    if kind == NOTICE_CAPTURE:
+        return _capture(record)
     return None
+
+
+def _capture(record: memoryview) -> CaptureNotice:
+    _, _, pid, probe_id, span_id, at, count, data_length, values = _CAPTURE_HEAD.unpack_from(record)
+    data = bytes(record[_CAPTURE_HEAD.size:_CAPTURE_HEAD.size + data_length])
+    decoded = []
+    for i in range(min(count, MAX_CAPTURES)):
+        value, length, flags, _ = CAPTURED_VALUE.unpack_from(values, i * CAPTURED_VALUE.size)
+        decoded.append(CapturedValue(value, b"", flags) if length == 0 else
+                       CapturedValue(value, data[value:value + length], flags))
+    return CaptureNotice(pid, probe_id, span_id, at, tuple(decoded))
 
 
 # ----- the checks
@@ -406,7 +471,7 @@ def check_layouts(compiled: dict[str, tuple[dict[str, tuple[int, int]], int]]) -
 
     `compiled` maps a member of struct event_layouts to (its fields' offsets and sizes, its size)."""
     mirrors = {"span": (span_offsets(), SPAN_DTYPE.itemsize)}
-    mirrors.update({t.member: (t.offsets(), t.struct.size) for t in NOTICE_TYPES})
+    mirrors.update({t.member: (t.offsets(), t.struct.size) for t in (*NOTICE_TYPES, CAPTURE_PLAN)})
     for member, expected in mirrors.items():
         if compiled.get(member) != expected:
             raise UserError(

@@ -149,6 +149,10 @@ class Program:
         for address in addresses:
             bpf.map_update(self.maps["go_stream_starts"], struct.pack("<Q", address), struct.pack("<I", 1))
 
+    def set_capture_plan(self, probe_id: int, plan: bytes) -> None:
+        """What a probe reads of its calls (struct capture_plan): written before its uprobes are attached."""
+        bpf.map_update(self.maps["capture_plans"], struct.pack("<I", probe_id), plan)
+
     def followed_count(self) -> int:
         """Processes the kernel follows right now."""
         return bpf.count_keys(self.maps["processes"], 4)

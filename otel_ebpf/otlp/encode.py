@@ -194,8 +194,9 @@ def process_key(pid, process_seq):
 
 @dataclass(frozen=True, slots=True)
 class ServerSpan:
-    """A finished request seen by the kernel, ready to encode: a SERVER span, or a CLIENT span (an outbound
-    request), whose parent is then a local span."""
+    """A span encoded on its own, not from a template: a finished request seen by the kernel (a SERVER span, or a
+    CLIENT span for an outbound request, whose parent is then a local span), or a function span whose
+    attributes vary from call to call (captured arguments: INTERNAL)."""
 
     process: int  # process_key
     resource: Resource
@@ -209,6 +210,8 @@ class ServerSpan:
     name: str
     attributes: dict
     kind: int = SPAN_KIND_SERVER
+    remote_parent: bool = False  # INTERNAL: the parent is the process's TRACEPARENT
+    depth: int = 0  # INTERNAL: nesting among probed calls, for console lines
 
 
 @dataclass(frozen=True)
@@ -369,7 +372,7 @@ class SpanEncoder:
         ]
         if "error.type" in s.attributes:
             parts.append(field(15, varint(3 << 3) + varint(STATUS_CODE_ERROR)))
-        remote = s.parent_span_id and s.kind == SPAN_KIND_SERVER
+        remote = s.parent_span_id and (s.kind == SPAN_KIND_SERVER or s.remote_parent)
         flags = FLAG_SAMPLED | FLAG_HAS_IS_REMOTE | (FLAG_IS_REMOTE if remote else 0)
         parts.append(varint(16 << 3 | 5) + struct.pack("<I", flags))
         return b"".join(parts)

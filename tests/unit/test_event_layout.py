@@ -65,9 +65,11 @@ def layout_program(tmp_path_factory):
     lines = []
     structs = [("span_record", layout.span_offsets())] + [(f"{t.member}_notice", t.offsets())
                                                           for t in layout.NOTICE_TYPES]
+    structs.append(("capture_plan", layout.CAPTURE_PLAN.offsets()))
     for struct_name, fields in structs:
         lines += [f"SHOW({struct_name}, {name})" for name in fields] + [f"SIZE({struct_name})"]
-    lines += [f"SIZE({name})" for name in ("stack_key", "process_info", "latency_slots")]
+    lines += [f"SIZE({name})" for name in ("stack_key", "process_info", "latency_slots", "capture_slot",
+                                           "captured_value")]
     lines += [f"CONSTANT({name})" for name in layout.CONSTANTS] + [f"CONSTANT({name})" for name in layout.COUNTER_ENUM]
     lines.append("CONSTANT(COUNTER_MAX)")
     (tmp / "layout.c").write_text(PROGRAM.replace("LINES", "\n    ".join(lines)).replace(
@@ -111,6 +113,11 @@ def test_map_values_user_space_reads_and_writes(c_layout):
     assert c_layout[("size", "stack_key")][0] == layout.STACK_KEY_SIZE
     assert c_layout[("size", "process_info")][0] == layout.PROCESS_INFO.size
     assert c_layout[("size", "latency_slots")][0] == layout.LATENCY_SLOTS.size
+    plan = layout.CAPTURE_PLAN
+    assert {name: c_layout[("field", "capture_plan", name)] for name in plan.offsets()} == plan.offsets()
+    assert c_layout[("size", "capture_plan")][0] == plan.struct.size
+    assert c_layout[("size", "capture_slot")][0] == layout.CAPTURE_SLOT.size
+    assert c_layout[("size", "captured_value")][0] == layout.CAPTURED_VALUE.size
 
 
 def test_a_mismatch_is_refused():
