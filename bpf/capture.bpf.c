@@ -122,17 +122,24 @@ static __always_inline void capture_entry(struct pt_regs *ctx, __u32 probe_id, _
 	send_capture(notice, ns.tgid, probe_id, span_id, CAPTURE_AT_ENTRY, values, used);
 }
 
-/* At the return of a call whose span is about to be sent: its result, if the plan names it. */
+/* At the return of a call whose span is about to be sent: its result and error word, if the plan names them. */
 static __always_inline void capture_result(struct pt_regs *ctx, __u32 probe_id, __u64 span_id, __u32 pid)
 {
 	__u32 zero = 0;
 	struct capture_plan *plan = capture_plans.lookup(&probe_id);
 	struct capture_notice *notice = capture_scratch.lookup(&zero);
-	if (!plan || !notice || plan->result.kind == CAPTURE_NONE)
+	if (!plan || !notice || plan->result[0].kind == CAPTURE_NONE)
 		return;
 	__u64 regs[CAPTURE_REGISTERS] = {};
 	load_registers(ctx, regs);
 	__u32 used = 0;
-	capture_one(regs, &plan->result, &notice->values[0], notice, &used);
-	send_capture(notice, pid, probe_id, span_id, CAPTURE_AT_RETURN, 1, used);
+	__u16 values = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < CAPTURE_RESULTS; i++) {
+		if (plan->result[i].kind == CAPTURE_NONE)
+			break;
+		capture_one(regs, &plan->result[i], &notice->values[i], notice, &used);
+		values = i + 1;
+	}
+	send_capture(notice, pid, probe_id, span_id, CAPTURE_AT_RETURN, values, used);
 }

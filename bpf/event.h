@@ -292,9 +292,12 @@ struct capture_slot {
 	__u16 pad2;
 };
 
+/* Slots read at the return: the result captured, and a Go error result's first word (nil or its type). */
+#define CAPTURE_RESULTS 2
+
 struct capture_plan {
-	struct capture_slot entry[MAX_CAPTURES]; /* read at entry, in order, up to the first CAPTURE_NONE */
-	struct capture_slot result;              /* read at the return; CAPTURE_NONE: nothing */
+	struct capture_slot entry[MAX_CAPTURES];      /* read at entry, in order, up to the first CAPTURE_NONE */
+	struct capture_slot result[CAPTURE_RESULTS];  /* read at the return, up to the first CAPTURE_NONE */
 };
 
 /* One value as read: the register, or for strings and bytes where they are in capture_notice.data. */

@@ -14,6 +14,7 @@ import numpy as np
 
 from otel_ebpf import captures
 from otel_ebpf.kernel import layout
+from otel_ebpf.symbols import golang
 from otel_ebpf.otlp.encode import SPAN_KIND_INTERNAL, ServerSpan, SpanChunk
 
 # Calls whose captured values wait for their span: those of calls in flight, and of calls whose span never comes
@@ -29,6 +30,9 @@ class CallData:
         self._plans = {probe_id: probe.captures for probe_id, probe in enumerate(probes.probes) if probe.captures}
         self._info = {probe_id: probes.info(probe_id) for probe_id in self._plans}
         self._ids = np.array(sorted(self._plans), np.uint32)
+        # Go error results: the type each interface table address stands for, in the probe's binary.
+        self._error_types = {probe_id: golang.itab_types(probes.binary(probe_id))
+                             for probe_id, plan in self._plans.items() if plan.error_register >= 0}
         self._waiting: collections.OrderedDict[tuple[int, bytes], dict] = collections.OrderedDict()
         self.forgotten = 0  # values pushed out before their span came
 
@@ -44,13 +48,13 @@ class CallData:
             if notice.at == layout.CAPTURE_AT_ENTRY:
                 captures.attributes(plan.arguments, notice.values, values)
             else:
-                self._result(plan, notice.values, values)
+                self._result(plan, notice.values, values, self._error_types.get(notice.probe_id, {}))
             while len(self._waiting) > MAX_WAITING:
                 self._waiting.popitem(last=False)
                 self.forgotten += 1
 
     @staticmethod
-    def _result(plan: captures.Plan, values: tuple, into: dict) -> None:
+    def _result(plan: captures.Plan, values: tuple, into: dict, error_types: dict[int, str]) -> None:
         if plan.result is not None and values:
             captures.attributes((plan.result,), values[:1], into)
         error = plan.error
@@ -58,7 +62,7 @@ class CallData:
             return
         if error.op is None:  # a Go error result: its first word is nil or not
             if len(values) > 1 and values[1].value:
-                into["error.type"] = "error"
+                into["error.type"] = error_types.get(values[1].value, "error")
             return
         result = into.get(plan.result.key)
         if isinstance(result, bool):

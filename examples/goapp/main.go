@@ -5,6 +5,8 @@
 //	goapp work N             handle N requests without HTTP, then exit
 //	goapp serve [-port P]    HTTP on 127.0.0.1:P (env GOAPP_PORT; 0 picks a free port) until
 //	                         SIGINT/SIGTERM; GET /?id=N handles request N
+//	goapp lookup N           call lookup(id, name) N times (the capture tests), printing
+//	                         `lookup id=ID name=HEX n=N err=TEXT|-` for each call
 //
 // env GOAPP_START_DELAY_MS: sleep that long after printing the pid, so a tracer can attach first.
 // env GOAPP_DOWNSTREAM: a URL each request also fetches (with `?n=ID` added) once its work is done, on
@@ -26,6 +28,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -162,6 +165,12 @@ func main() {
 		}
 	case "serve":
 		serve(server, os.Args[2:])
+	case "lookup":
+		n, err := strconv.Atoi(os.Args[len(os.Args)-1])
+		if len(os.Args) != 3 || err != nil || n < 0 {
+			usage()
+		}
+		lookups(n)
 	default:
 		usage()
 	}
@@ -198,6 +207,38 @@ func serve(server *Server, args []string) {
 	}
 }
 
+// notFound is the error of a lookup of a name that is not there: a type of its own, as error.type shows it.
+type notFound struct{ name string }
+
+func (e *notFound) Error() string { return "not found: " + e.name }
+
+var lookupNames = []string{"alice", "", "bob", "missing", "caf\u00e9 \u2615", strings.Repeat("long", 50)}
+
+// lookup counts a name's bytes times id; an empty name or "missing" is an error.
+//
+//go:noinline
+func lookup(id int, name string) (int, error) {
+	if name == "" {
+		return -1, errors.New("empty name")
+	}
+	if name == "missing" {
+		return 0, &notFound{name}
+	}
+	return id * len(name), nil
+}
+
+func lookups(n int) {
+	for id := 0; id < n; id++ {
+		name := lookupNames[id%len(lookupNames)]
+		found, err := lookup(id-2, name)
+		shown := "-"
+		if err != nil {
+			shown = err.Error()
+		}
+		fmt.Fprintf(gt.out, "lookup id=%d name=%x n=%d err=%s\n", id-2, name, found, shown)
+	}
+}
+
 func envInt(name string, fallback int) int {
 	if n, err := strconv.Atoi(os.Getenv(name)); err == nil {
 		return n
@@ -206,6 +247,6 @@ func envInt(name string, fallback int) int {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: goapp work N | goapp serve [-port P]")
+	fmt.Fprintln(os.Stderr, "usage: goapp work N | goapp serve [-port P] | goapp lookup N")
 	os.Exit(2)
 }

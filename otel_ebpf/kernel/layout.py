@@ -68,6 +68,7 @@ NOTICE_HTTP_CLIENT = 7
 NOTICE_GO_STREAM = 8
 NOTICE_CAPTURE = 9
 MAX_CAPTURES = 8
+CAPTURE_RESULTS = 2
 CAPTURE_STRING_MAX = 1024
 CAPTURE_DATA = 2048
 CAPTURE_NONE = 0
@@ -220,8 +221,7 @@ NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CL
 # struct capture_slot, and struct capture_plan (not a notice: the value user space writes to capture_plans).
 CAPTURE_SLOT = struct.Struct("<BBBBHH")
 CAPTURE_PLAN = NoticeType(0, "capture_plan", (
-    ("entry", f"{MAX_CAPTURES * CAPTURE_SLOT.size}s"), ("result.kind", "B"), ("result.reg", "B"),
-    ("result.length_reg", "B"), ("result.pad", "B"), ("result.length", "H"), ("result.pad2", "H"),
+    ("entry", f"{MAX_CAPTURES * CAPTURE_SLOT.size}s"), ("result", f"{CAPTURE_RESULTS * CAPTURE_SLOT.size}s"),
 ))
 # An exit notice is a process notice that ends before its identity.
 PROCESS_HEAD_SIZE = PROCESS.offsets()["identity.flags"][0]

@@ -144,6 +144,26 @@ def goid_offset(binary: str) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=8)
+def itab_types(binary: str) -> dict[int, str]:
+    """The dynamic type of each interface table of a non-PIE Go binary, by address (`go:itab.*main.notFound,error`
+    is at the address an error of type *main.notFound holds): what a Go error result's first word names. Empty
+    for PIE binaries (the address depends on where it is loaded) and without a symbol table."""
+    types = {}
+    try:
+        with open(binary, "rb") as stream:
+            elf = ELFFile(stream)
+            symtab = elf.get_section_by_name(".symtab")
+            if elf.header["e_type"] != "ET_EXEC" or not isinstance(symtab, SymbolTableSection):
+                return types
+            for symbol in symtab.iter_symbols():
+                if symbol.name.startswith("go:itab."):
+                    types[symbol["st_value"]] = symbol.name[len("go:itab."):].rpartition(",")[0]
+    except (ELFError, struct.error, ValueError, OSError):
+        return {}
+    return types
+
+
 def _die_name(die) -> bytes | None:
     name = die.attributes.get("DW_AT_name")
     return name.value if name else None
