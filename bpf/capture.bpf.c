@@ -4,7 +4,6 @@
 /* The registers a slot can name, by REG_* number: loaded once per capture, and indexed rather than switched on
  * (the compiler would merge a switch's loads into one from a computed context offset, which the verifier
  * refuses). */
-#define CAPTURE_REGISTERS 16
 static __always_inline void load_registers(struct pt_regs *ctx, __u64 *regs)
 {
 	regs[REG_RDI] = ctx->di;
@@ -17,6 +16,12 @@ static __always_inline void load_registers(struct pt_regs *ctx, __u64 *regs)
 	regs[REG_RBX] = ctx->bx;
 	regs[REG_R10] = ctx->r10;
 	regs[REG_R11] = ctx->r11;
+	regs[REG_RBP] = ctx->bp;
+	regs[REG_RSP] = ctx->sp;
+	regs[REG_R12] = ctx->r12;
+	regs[REG_R13] = ctx->r13;
+	regs[REG_R14] = ctx->r14;
+	regs[REG_R15] = ctx->r15;
 }
 
 /* One slot read into `out`; strings and bytes are copied to notice->data at *used, which moves past them.
@@ -26,6 +31,17 @@ static __always_inline void capture_one(__u64 *regs, struct capture_slot *slot, 
 					struct capture_notice *notice, __u32 *used)
 {
 	__u64 reg = regs[slot->reg & (CAPTURE_REGISTERS - 1)];
+	if (slot->flags & SLOT_MEMORY) {
+		__u64 address = reg + (__s64)slot->offset;
+		reg = 0;
+		if (bpf_probe_read_user(&reg, sizeof(reg), (void *)address)) {
+			out->value = 0;
+			out->length = 0;
+			out->flags = CAPTURED_FAULT;
+			out->pad = 0;
+			return;
+		}
+	}
 	out->value = reg;
 	out->length = 0;
 	out->flags = 0;

@@ -38,6 +38,7 @@ struct span_record {
 #define COOKIE_TLS (1ULL << 26)           /* OpenSSL's SSL_read & co. (http.bpf.c): the probe id is a TLS_* */
 #define COOKIE_GO_HOOK (1ULL << 27)       /* Go's runtime and net/http (http.bpf.c): the probe id is a GO_HOOK_* */
 #define COOKIE_CAPTURE (1ULL << 28)       /* the probe reads arguments or its result (capture_plans, capture.bpf.c) */
+#define COOKIE_INSTANT (1ULL << 29)       /* a USDT probe: entry and return at once, a zero-length span */
 #define COOKIE_GOID_SHIFT 32              /* bits 32-47: offset of goid in runtime.g, 0 when unknown */
 /* Probe ids are below this: the latency map has one slot per probe id, per CPU (336 bytes each). */
 #define MAX_PROBES 1024
@@ -282,15 +283,27 @@ struct go_stream_notice {
 #define REG_RBX 7
 #define REG_R10 8
 #define REG_R11 9
+#define REG_RBP 10
+#define REG_RSP 11
+#define REG_R12 12
+#define REG_R13 13
+#define REG_R14 14
+#define REG_R15 15
+#define CAPTURE_REGISTERS 16
 
 struct capture_slot {
 	__u8 kind;               /* CAPTURE_* */
 	__u8 reg;                /* REG_* */
 	__u8 length_reg;         /* CAPTURE_GO_STRING: the register of its length */
-	__u8 pad;
+	__u8 flags;              /* SLOT_* */
 	__u16 length;            /* strings and bytes: the most copied, at most CAPTURE_STRING_MAX */
-	__u16 pad2;
+	__u16 pad;
+	__s32 offset;            /* SLOT_MEMORY: added to the register */
+	__u32 pad2;
 };
+
+/* capture_slot.flags */
+#define SLOT_MEMORY 1            /* the value is the 8 bytes at reg + offset (a USDT argument such as -4@8(%rsp)) */
 
 /* Slots read at the return: the result captured, and a Go error result's first word (nil or its type). */
 #define CAPTURE_RESULTS 2

@@ -139,24 +139,9 @@ static __always_inline void start_trace(struct call_stack *stack, struct stack_k
 	}
 }
 
-int otel_entry(struct pt_regs *ctx)
+/* A probed call starts: a frame on its thread's (goroutine's) stack. */
+static __always_inline void enter(struct pt_regs *ctx, __u64 cookie, __u64 now)
 {
-	__u64 now = bpf_ktime_get_ns();
-	__u64 cookie = bpf_get_attach_cookie(ctx);
-	if (cookie & (COOKIE_PROCESS_START | COOKIE_TLS | COOKIE_GO_HOOK)) {
-#ifdef HTTP_TRACING
-		if (cookie & COOKIE_TLS) {
-			tls_entry(ctx, cookie);
-			return 0;
-		}
-		if (cookie & COOKIE_GO_HOOK) {
-			go_hook_entry(ctx, cookie & COOKIE_PROBE_ID_MASK);
-			return 0;
-		}
-#endif
-		watch_current(); /* the executable starts: follow the process from here on */
-		return 0;
-	}
 	struct stack_key key = stack_key_of(ctx, cookie);
 	struct call_stack *stack = call_stacks.lookup(&key);
 	if (stack && stack->depth == 0 && stale_goroutine_stack(stack, cookie))
@@ -164,14 +149,14 @@ int otel_entry(struct pt_regs *ctx)
 	if (!stack) {
 		stack = new_stack(&key);
 		if (!stack)
-			return 0;
+			return;
 	}
 
 	__u32 depth = stack->depth;
 	stack->depth = depth + 1;
 	if (depth >= MAX_DEPTH) {
 		count(COUNTER_DEPTH_EXCEEDED);
-		return 0;
+		return;
 	}
 	if (depth == 0) {
 		__u32 goid_offset = cookie >> COOKIE_GOID_SHIFT & 0xFFFF;
@@ -186,64 +171,52 @@ int otel_entry(struct pt_regs *ctx)
 	stack->frames[depth].child_emitted = 0;
 	if ((cookie & COOKIE_CAPTURE) && stack->sampled)
 		capture_entry(ctx, cookie & COOKIE_PROBE_ID_MASK, stack->frames[depth].span_id);
-	return 0;
 }
 
-int otel_return(struct pt_regs *ctx)
+/* A probed call returns: its frame comes off the stack and, sampled, becomes a span_record. */
+static __always_inline void leave(struct pt_regs *ctx, __u64 cookie, __u64 now)
 {
-	__u64 now = bpf_ktime_get_ns();
-	__u64 cookie = bpf_get_attach_cookie(ctx);
-#ifdef HTTP_TRACING
-	if (cookie & COOKIE_TLS) {
-		tls_return(ctx);
-		return 0;
-	}
-	if (cookie & COOKIE_GO_HOOK) {
-		spawn_return(ctx); /* only newproc1 has return probes */
-		return 0;
-	}
-#endif
 	__u32 probe_id = cookie & COOKIE_PROBE_ID_MASK;
 	struct stack_key key = stack_key_of(ctx, cookie);
 	struct call_stack *stack = call_stacks.lookup(&key);
 	if (!stack || stack->depth == 0) {
 		count(COUNTER_UNMATCHED_RETURN);
-		return 0;
+		return;
 	}
 	__u32 depth = stack->depth - 1;
 	stack->depth = depth;
 	if (depth >= MAX_DEPTH)
-		return 0;
+		return;
 	if (stack->frames[depth].probe_id != probe_id) {
 		count(COUNTER_UNMATCHED_RETURN);
 		int found = find_frame(stack, depth, probe_id);
 		if (found < 0) {
 			stack->depth = depth + 1; /* not ours: our entry was never seen */
-			return 0;
+			return;
 		}
 		depth = found;
 		stack->depth = depth;
 	}
 	asm volatile("" : "+r"(depth));
 	if (depth >= MAX_DEPTH)
-		return 0;
+		return;
 	struct frame *frame = &stack->frames[depth];
 
 	__u64 duration = now - frame->start_ns;
 	record_latency(probe_id, duration);
 	if (!stack->sampled || (duration < MIN_DURATION_NS && !frame->child_emitted))
-		return 0;
+		return;
 
 	struct bpf_pidns_info ns = {};
 	if (visible_ids(&ns))
-		return 0; /* a process outside the tracer's PID namespace: invisible to it */
+		return; /* a process outside the tracer's PID namespace: invisible to it */
 
 	if (cookie & COOKIE_CAPTURE)
 		capture_result(ctx, probe_id, frame->span_id, ns.tgid);
 	struct span_record *span = spans.ringbuf_reserve(sizeof(struct span_record));
 	if (!span) {
 		count(COUNTER_SPANS_LOST);
-		return 0;
+		return;
 	}
 	span->start_ns = frame->start_ns;
 	span->end_ns = now;
@@ -270,5 +243,46 @@ int otel_return(struct pt_regs *ctx)
 		count(COUNTER_WAKEUPS);
 	}
 	spans.ringbuf_submit(span, wake);
+}
+
+int otel_entry(struct pt_regs *ctx)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	if (cookie & (COOKIE_PROCESS_START | COOKIE_TLS | COOKIE_GO_HOOK)) {
+#ifdef HTTP_TRACING
+		if (cookie & COOKIE_TLS) {
+			tls_entry(ctx, cookie);
+			return 0;
+		}
+		if (cookie & COOKIE_GO_HOOK) {
+			go_hook_entry(ctx, cookie & COOKIE_PROBE_ID_MASK);
+			return 0;
+		}
+#endif
+		watch_current(); /* the executable starts: follow the process from here on */
+		return 0;
+	}
+	enter(ctx, cookie, now);
+	if (cookie & COOKIE_INSTANT)
+		leave(ctx, cookie, now);
+	return 0;
+}
+
+int otel_return(struct pt_regs *ctx)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+#ifdef HTTP_TRACING
+	if (cookie & COOKIE_TLS) {
+		tls_return(ctx);
+		return 0;
+	}
+	if (cookie & COOKIE_GO_HOOK) {
+		spawn_return(ctx); /* only newproc1 has return probes */
+		return 0;
+	}
+#endif
+	leave(ctx, cookie, now);
 	return 0;
 }

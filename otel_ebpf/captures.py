@@ -13,15 +13,13 @@ from dataclasses import dataclass
 
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel import layout
-from otel_ebpf.symbols import dwarf
+from otel_ebpf.symbols import dwarf, usdt
 
 DEFAULT_STRING = 128  # bytes of a `str` without <N>
 SYSTEM_V = (layout.REG_RDI, layout.REG_RSI, layout.REG_RDX, layout.REG_RCX, layout.REG_R8, layout.REG_R9)
 GO_ABI = (layout.REG_RAX, layout.REG_RBX, layout.REG_RCX, layout.REG_RDI, layout.REG_RSI, layout.REG_R8,
           layout.REG_R9, layout.REG_R10, layout.REG_R11)
-_REGISTER_NAMES = {layout.REG_RDI: "rdi", layout.REG_RSI: "rsi", layout.REG_RDX: "rdx", layout.REG_RCX: "rcx",
-                   layout.REG_R8: "r8", layout.REG_R9: "r9", layout.REG_RAX: "rax", layout.REG_RBX: "rbx",
-                   layout.REG_R10: "r10", layout.REG_R11: "r11"}
+_REGISTER_NAMES = {number: names[0] for number, names in usdt.REGISTERS.items()}
 TYPES = ("int", "uint", "bool", "str", "str<N>", "hex<N>", "ptr", "-")
 # Attributes listing the keys whose value was cut at its bound, or could not be read (a NULL or bad pointer).
 TRUNCATED = "otel_ebpf.capture.truncated"
@@ -162,6 +160,8 @@ class Placed:
     register: int  # REG_*
     length: int = 0  # str, hex: the most bytes
     length_register: int = -1  # a Go string's length
+    memory: bool = False  # the value is the 8 bytes at register + offset (USDT arguments)
+    offset: int = 0
 
     def slot(self) -> bytes:
         if self.kind == "str":
@@ -170,12 +170,14 @@ class Placed:
             kind = layout.CAPTURE_BYTES
         else:
             kind = layout.CAPTURE_VALUE
-        return layout.CAPTURE_SLOT.pack(kind, self.register, max(self.length_register, 0), 0, self.length, 0)
+        return layout.CAPTURE_SLOT.pack(kind, self.register, max(self.length_register, 0),
+                                        layout.SLOT_MEMORY if self.memory else 0, self.length, 0, self.offset, 0)
 
     def describe(self) -> str:
         shown = f"str<{self.length}>" if self.kind == "str" else f"hex<{self.length}>" if self.kind == "hex" else \
             self.kind if self.kind not in ("int", "uint") or self.size == 8 else f"{self.kind}{self.size * 8}"
-        return f"{self.key} {shown} ({_REGISTER_NAMES[self.register]})"
+        where = f"{self.offset}(%{_REGISTER_NAMES[self.register]})" if self.memory else _REGISTER_NAMES[self.register]
+        return f"{self.key} {shown} ({where})"
 
 
 @dataclass(frozen=True)
@@ -189,10 +191,10 @@ class Plan:
 
     def encode(self) -> bytes:
         """struct capture_plan."""
-        empty = layout.CAPTURE_SLOT.pack(layout.CAPTURE_NONE, 0, 0, 0, 0, 0)
+        empty = layout.CAPTURE_SLOT.pack(layout.CAPTURE_NONE, 0, 0, 0, 0, 0, 0, 0)
         entry = b"".join(p.slot() for p in self.arguments) + empty * (layout.MAX_CAPTURES - len(self.arguments))
         results = [self.result.slot() if self.result else empty]
-        results.append(layout.CAPTURE_SLOT.pack(layout.CAPTURE_VALUE, self.error_register, 0, 0, 0, 0)
+        results.append(layout.CAPTURE_SLOT.pack(layout.CAPTURE_VALUE, self.error_register, 0, 0, 0, 0, 0, 0)
                        if self.error_register >= 0 else empty)
         return entry + b"".join(results)
 
@@ -294,6 +296,39 @@ def _go_error_register(function: str, go: bool, signature: dwarf.Signature | Non
     if any(r.registers < 0 for r in before) or sum(r.registers for r in before) + 2 > len(GO_ABI):
         raise UserError(f"{function}: its error result is not passed in registers captures follow", hint)
     return GO_ABI[sum(r.registers for r in before)]
+
+
+def usdt_plan(spec: CaptureSpec | None, probe: usdt.UsdtProbe) -> Plan | None:
+    """Where a USDT probe's arguments are, as its note says: all of them as integers (arg0, ...) without a capture
+    list, else those the list names, by position, typed as written."""
+    arguments = probe.arguments
+    if spec is None:
+        captures_of = [Capture(None, "int" if a.signed else "uint") for a in arguments]
+    else:
+        if spec.result is not None:
+            raise UserError(f"{spec.text!r}: a USDT probe has no result to capture", "leave out the '->'")
+        if any(c.name is not None for c in spec.arguments):
+            raise UserError(f"{spec.text!r}: USDT arguments have no names; capture them by position with a type",
+                            "e.g. usdt:P:N(path:str, -, size:int)")
+        captures_of = list(spec.arguments)
+        if len(captures_of) > len(arguments):
+            raise UserError(f"{spec.text!r} captures {len(captures_of)} arguments; usdt:{probe.full_name} has "
+                            f"{len(arguments)} ({' '.join(a.text for a in arguments) or 'none'})", "capture fewer")
+    placed = []
+    for at, (capture, argument) in enumerate(zip(captures_of, arguments)):
+        if capture.type == "-":
+            continue
+        if not argument.supported or argument.constant is not None:
+            if spec is None:
+                continue
+            raise UserError(f"usdt:{probe.full_name}: argument {at} ({argument.text}) is not in a register or "
+                            "memory captures read", "skip it with -")
+        size = argument.size if capture.type in ("int", "uint") and argument.size in (1, 2, 4, 8) else 8
+        placed.append(Placed(capture.key or f"arg{at}", capture.type, size, argument.register,
+                             capture.length, memory=argument.memory, offset=argument.offset))
+    if len(placed) > layout.MAX_CAPTURES:
+        placed = placed[:layout.MAX_CAPTURES]
+    return Plan(tuple(placed), None, None) if placed else None
 
 
 # ----- reading values back

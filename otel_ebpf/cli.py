@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
 import re
@@ -10,11 +11,13 @@ import sys
 
 from otel_ebpf import __version__, config, symbols
 from otel_ebpf.errors import UserError
-from otel_ebpf.symbols import golang
+from otel_ebpf.symbols import dwarf, golang, usdt
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a program killed by SIGPIPE, as in `otel-ebpf symbols ... | head`
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Without a PATTERN, `symbols` shows DWARF parameters only for files this small (read in about a second).
+_LISTED_DWARF_BYTES = 1 << 20
 
 
 def _one_line(text: str) -> str:
@@ -58,18 +61,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _list_symbols(binary: str, pattern: str | None) -> int:
-    """Where the names came from on stderr; per function address, size, name, IFUNC picks and why not traceable."""
+    """Where the names came from on stderr; per function address, size, name, DWARF parameters, IFUNC picks and
+    why not traceable; then the USDT probes (a PATTERN starting with usdt: lists only those)."""
     table = symbols.load(binary, symbols.Options.from_settings(config.load_settings()))
-    if pattern:
+    markers = [p for p in usdt.probes(table.path)
+               if not pattern or fnmatch.fnmatchcase(f"usdt:{p.full_name}", pattern)]
+    if pattern and pattern.startswith("usdt:"):
+        found = []
+        if not markers:
+            raise UserError(f"no USDT probe matching {pattern!r} in {binary}",
+                            f"`otel-ebpf symbols {binary}` lists its functions and USDT probes")
+    elif pattern:
         found = table.resolve([pattern])
     else:
         found = sorted(table.functions() + table.ifunc_picks(), key=lambda s: (s.ifunc or s.demangled, s.address))
     refused = golang.untraceable(table.path, found) if golang.go_version(table.path) else {}
-    print(f"otel-ebpf: {_one_line(table.describe())}", file=sys.stderr)
+    signatures, unshown = {}, ""
+    if pattern or dwarf.dwarf_size(table.source.file) <= _LISTED_DWARF_BYTES:
+        signatures = dwarf.signatures(table.source.file, tuple(s.address for s in found) if pattern else None)
+    elif found:
+        unshown = "; name a PATTERN to see DWARF parameters"
+    print(f"otel-ebpf: {_one_line(table.describe())}{unshown}", file=sys.stderr)
     for s in found:
         name = f"{s.ifunc} -> {_implementation(s)}" if s.ifunc else s.demangled
+        signature = signatures.get(s.address)
+        shown = f"  {signature.describe()}" if signature and not s.ifunc else ""
         why = f"  [not traceable: {refused[s.address]}]" if s.address in refused else ""
-        print(f"{s.address:#014x} {s.size:8d}  {name}{why}")
+        print(f"{s.address:#014x} {s.size:8d}  {name}{shown}{why}")
+    for probe in markers:
+        print(probe.describe())
     return 0
 
 
@@ -108,6 +128,12 @@ def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
     for spec in settings.probes:
         table = symbols.load(spec.binary, options, view)
         wanted = dict(planning.wanted(table, text) for text in spec.symbols)
+        markers = {text: capture for text, capture in wanted.items() if text.startswith(planning.USDT_PREFIX)}
+        if markers:
+            probes.add(planning.plan_usdt(table, markers))
+            wanted = {text: capture for text, capture in wanted.items() if text not in markers}
+            if not wanted:
+                continue
         matches = table.resolve_each(list(wanted))
         for f in {f.address: f for _, found in matches for f in found}.values():
             if f.ifunc:

@@ -17,10 +17,10 @@ from otel_ebpf import captures as capturing
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel.attach import Kind, Site
 from otel_ebpf import symbols
-from otel_ebpf.kernel.layout import (COOKIE_CAPTURE, COOKIE_GO, COOKIE_GO_HOOK, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START,
+from otel_ebpf.kernel.layout import (COOKIE_CAPTURE, COOKIE_GO, COOKIE_GO_HOOK, COOKIE_INSTANT, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START,
                                      GO_HOOK_NEWPROC, GO_HOOK_REQUEST_WRITE, GO_HOOK_ROUND_TRIP, MAX_PROBES)
 from otel_ebpf.otlp.encode import ProbeInfo
-from otel_ebpf.symbols import FunctionSymbol, SymbolTable, dwarf, golang
+from otel_ebpf.symbols import FunctionSymbol, SymbolTable, dwarf, golang, usdt
 
 # Where context passes from one goroutine to another (bpf/http.bpf.c): the function, its hook, and whether its
 # returns are probed too.
@@ -31,7 +31,7 @@ GO_HOOKS = (("runtime.newproc1", GO_HOOK_NEWPROC, True),
 
 @dataclass(frozen=True)
 class Probe:
-    """One function to trace and where its uprobes go (virtual addresses, as in the ELF file)."""
+    """One function (or USDT probe) to trace and where its uprobes go (virtual addresses, as in the ELF file)."""
 
     binary: str  # the real path: uprobes attach to the file (its inode)
     symbol: FunctionSymbol
@@ -40,10 +40,14 @@ class Probe:
     goid_offset: int = 0  # Go: where runtime.g keeps the goroutine id, 0 when unknown
     shown_as: str = ""  # the binary as the user named it, for spans and messages
     captures: capturing.Plan | None = None  # what its calls' spans carry of their arguments and result
+    go: bool = False
+    # USDT: the sites of the probe (a zero-length span each time one fires), or of a pair's start and done.
+    usdt: tuple[usdt.UsdtProbe, ...] = ()
+    usdt_done: tuple[usdt.UsdtProbe, ...] = ()
 
     @property
     def is_go(self) -> bool:
-        return bool(self.returns)
+        return self.go
 
     def _offset(self, address: int) -> int:
         """File offset of an address inside the function."""
@@ -52,6 +56,11 @@ class Probe:
     def sites(self, probe_id: int) -> list[Site]:
         cookie = probe_id | (COOKIE_GO | self.goid_offset << COOKIE_GOID_SHIFT if self.is_go else 0) | (
             COOKIE_CAPTURE if self.captures else 0)
+        if self.usdt:
+            if not self.usdt_done:
+                return [Site(p.offset, Kind.ENTRY, cookie | COOKIE_INSTANT, p.semaphore_offset) for p in self.usdt]
+            return ([Site(p.offset, Kind.ENTRY, cookie, p.semaphore_offset) for p in self.usdt] +
+                    [Site(p.offset, Kind.RETURN_SITE, cookie, p.semaphore_offset) for p in self.usdt_done])
         entry = Site(self._offset(self.entry), Kind.ENTRY, cookie)
         if self.is_go:
             return [entry, *(Site(self._offset(ret), Kind.RETURN_SITE, cookie) for ret in self.returns)]
@@ -77,7 +86,8 @@ def plan_matches(binary: str, matches: list[tuple[str, list[FunctionSymbol]]], s
     golang.check_register_abi(binary)
     goid_offset = golang.goid_offset(binary)
     selection = golang.select_traceable(binary, matches, shown_as or binary)
-    return ([Probe(binary, f, shape.entry, shape.returns, goid_offset, shown_as) for f, shape in selection.traceable],
+    return ([Probe(binary, f, shape.entry, shape.returns, goid_offset, shown_as, go=True)
+             for f, shape in selection.traceable],
             selection.warning)
 
 
@@ -100,10 +110,52 @@ def with_captures(probes: list[Probe], matches: list[tuple[str, list[FunctionSym
             by_address.setdefault(function.address, specs.get(pattern))
     if not any(by_address.values()):
         return probes
-    signatures = dwarf.signatures(table.source.file)
+    signatures = dwarf.signatures(table.source.file, tuple(a for a, spec in by_address.items() if spec))
     return [dataclasses.replace(probe, captures=capturing.plan(spec, probe.symbol.demangled, probe.is_go,
                                                                signatures.get(probe.symbol.address)))
             if (spec := by_address.get(probe.symbol.address)) else probe for probe in probes]
+
+
+USDT_PREFIX = "usdt:"
+# The ends of a pair's names: `X__start` with `X__done` (or _end), traced as one span from one to the other.
+_PAIR_ENDS = (("start", "done"), ("start", "end"), ("entry", "return"))
+
+
+def plan_usdt(table: SymbolTable, wanted: dict[str, capturing.CaptureSpec | None]) -> list[Probe]:
+    """The probes for `usdt:PROVIDER:NAME` specs: a zero-length span each time the probe fires, or for a pair
+    named together (`..._start` and `..._done`), one span from start to done."""
+    found = usdt.probes(table.path)
+    if not found:
+        raise UserError(f"{table.binary} has no USDT probes (no .note.stapsdt section)",
+                        f"`otel-ebpf symbols {table.binary}` lists what it has")
+    by_name: dict[str, list[usdt.UsdtProbe]] = {}
+    for probe in found:
+        by_name.setdefault(probe.full_name, []).append(probe)
+    names = {}
+    for text, spec in wanted.items():
+        name = text[len(USDT_PREFIX):]
+        if name not in by_name:
+            shown = ", ".join(sorted(by_name)[:8])
+            raise UserError(f"{table.binary} has no USDT probe {name!r}",
+                            f"it has {len(by_name)}: {shown}{' ...' if len(by_name) > 8 else ''}")
+        names[name] = spec
+    probes, paired = [], set()
+    for name, spec in names.items():
+        if name in paired:
+            continue
+        done = next((name[:-len(start)] + end for start, end in _PAIR_ENDS
+                     if name.endswith(start) and name[:-len(start)] + end in names), None)
+        starts = by_name[name]
+        plan = capturing.usdt_plan(spec, starts[0])
+        if done is not None:
+            paired |= {name, done}
+            shown = name[:-len(next(start for start, end in _PAIR_ENDS if name.endswith(start)))].rstrip("_")
+        else:
+            shown = name
+        symbol = FunctionSymbol(USDT_PREFIX + shown, shown, starts[0].address, starts[0].offset, 0)
+        probes.append(Probe(table.path, symbol, starts[0].address, shown_as=table.binary, captures=plan,
+                            usdt=tuple(starts), usdt_done=tuple(by_name[done]) if done else ()))
+    return probes
 
 
 def go_hook_sites(binary: str) -> list[Site]:

@@ -9,7 +9,7 @@ fail() { echo "setup: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || fail "must run as root (apt-get, /lib/modules, mount); try: sudo make setup"
 
-PACKAGES=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 gcc g++ make binutils bpftrace golang-go
+PACKAGES=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 gcc g++ make binutils bpftrace golang-go systemtap-sdt-dev
           libc6-dbg debuginfod elfutils xz-utils iproute2 util-linux openssl
           nginx-light redis-server redis-tools sqlite3 curl)
 # The Rust symbol test needs a rustc; Debian's unless the machine has one (rustup's).

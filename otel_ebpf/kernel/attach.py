@@ -50,6 +50,7 @@ class Site:
     offset: int
     kind: Kind
     cookie: int
+    ref_ctr_offset: int = 0  # USDT: the file offset of its semaphore, which the kernel counts up while attached
 
 
 @dataclass
@@ -116,26 +117,28 @@ class Attacher:
         for kind, (prog_fd, retprobe) in groups.items():
             chosen = [site for site in sites if site.kind is kind]
             if chosen:
+                counters = [s.ref_ctr_offset for s in chosen]
                 attachment.fds.append(bpf.link_uprobe_multi(
                     prog_fd, attachment.path, [s.offset for s in chosen], [s.cookie for s in chosen],
-                    attachment.pid or 0, retprobe))
+                    attachment.pid or 0, retprobe, counters if any(counters) else None))
 
     def _attach_one(self, attachment: Attachment, site: Site) -> None:
         prog_fd = self._program.entry_fd if site.kind is Kind.ENTRY else self._program.return_fd
         retprobe = site.kind is Kind.RETURN
         pid = attachment.pid or -1
         if self.mode == "perf":
-            perf_fd = bpf.perf_uprobe(attachment.path, site.offset, pid, retprobe)
+            perf_fd = bpf.perf_uprobe(attachment.path, site.offset, pid, retprobe, site.ref_ctr_offset)
         else:
-            perf_fd = bpf.perf_tracepoint(self._tracefs_event(attachment, site.offset, retprobe), pid)
+            perf_fd = bpf.perf_tracepoint(self._tracefs_event(attachment, site, retprobe), pid)
         attachment.fds.append(perf_fd)
         attachment.fds.append(bpf.link_perf_event(prog_fd, perf_fd, site.cookie))
 
-    def _tracefs_event(self, attachment: Attachment, offset: int, retprobe: bool) -> int:
+    def _tracefs_event(self, attachment: Attachment, site: Site, retprobe: bool) -> int:
         """Writes one uprobe to uprobe_events and returns its event id."""
         self._counter += 1
         group, event = TRACEFS_GROUP.format(pid=os.getpid()), f"{'r' if retprobe else 'p'}{self._counter}"
-        definition = f"{'r' if retprobe else 'p'}:{group}/{event} {attachment.path}:{offset:#x}\n"
+        counter = f"({site.ref_ctr_offset:#x})" if site.ref_ctr_offset else ""
+        definition = f"{'r' if retprobe else 'p'}:{group}/{event} {attachment.path}:{site.offset:#x}{counter}\n"
         try:
             _append(self._tracefs, definition)
         except OSError as err:

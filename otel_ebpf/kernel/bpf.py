@@ -112,17 +112,21 @@ def percpu_lookup(fd: int, key: bytes, value_size: int, cpus: int) -> list[bytes
 
 
 def link_uprobe_multi(prog_fd: int, path: str, offsets: list[int], cookies: list[int], pid: int = 0,
-                      retprobe: bool = False) -> int:
+                      retprobe: bool = False, ref_ctr_offsets: list[int] | None = None) -> int:
     """One link attaching prog at every offset of the file (Linux 6.6+); pid 0: every process. Returns its fd.
 
-    A link with a pid makes the kernel place breakpoints in that process only (and in what it execs)."""
+    A link with a pid makes the kernel place breakpoints in that process only (and in what it execs).
+    ref_ctr_offsets: for USDT probes with a semaphore, its file offset (0: none); the kernel counts it up in
+    every process the probe is placed in, and down when it is removed."""
     count = len(offsets)
     path_buf = ctypes.create_string_buffer(os.fsencode(path))
     offsets_buf = (ctypes.c_uint64 * count)(*offsets)
     cookies_buf = (ctypes.c_uint64 * count)(*cookies)
+    counters_buf = (ctypes.c_uint64 * count)(*ref_ctr_offsets) if ref_ctr_offsets else None
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
     struct.pack_into("<IIII", attr, 0, prog_fd, 0, BPF_TRACE_UPROBE_MULTI, 0)
-    struct.pack_into("<QQQQIII", attr, 16, ctypes.addressof(path_buf), ctypes.addressof(offsets_buf), 0,
+    struct.pack_into("<QQQQIII", attr, 16, ctypes.addressof(path_buf), ctypes.addressof(offsets_buf),
+                     ctypes.addressof(counters_buf) if counters_buf is not None else 0,
                      ctypes.addressof(cookies_buf), count, BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, pid)
     return _bpf(_LINK_CREATE, attr)
 
@@ -147,13 +151,18 @@ def _perf_event_open(kind: int, config: int, config1: int, config2: int, pid: in
     return fd
 
 
-def perf_uprobe(path: str, offset: int, pid: int, retprobe: bool) -> int:
-    """A uprobe perf event from the uprobe PMU (no tracefs entry; needs CAP_SYS_ADMIN since Linux 6.16)."""
+def perf_uprobe(path: str, offset: int, pid: int, retprobe: bool, ref_ctr_offset: int = 0) -> int:
+    """A uprobe perf event from the uprobe PMU (no tracefs entry; needs CAP_SYS_ADMIN since Linux 6.16);
+    ref_ctr_offset: a USDT semaphore's file offset, in the config bits the PMU's format names."""
     pmu = Path("/sys/bus/event_source/devices/uprobe")
     kind = int((pmu / "type").read_text())
     retprobe_bit = int((pmu / "format" / "retprobe").read_text().strip().partition(":")[2])
+    config = (1 << retprobe_bit) if retprobe else 0
+    if ref_ctr_offset:
+        shift = int((pmu / "format" / "ref_ctr_offset").read_text().strip().partition(":")[2].partition("-")[0])
+        config |= ref_ctr_offset << shift
     path_buf = ctypes.create_string_buffer(os.fsencode(path))  # copied by the kernel during the call
-    return _perf_event_open(kind, (1 << retprobe_bit) if retprobe else 0, ctypes.addressof(path_buf), offset, pid)
+    return _perf_event_open(kind, config, ctypes.addressof(path_buf), offset, pid)
 
 
 def perf_tracepoint(event_id: int, pid: int) -> int:

@@ -26,6 +26,7 @@ COOKIE_PROCESS_START = 1 << 25
 COOKIE_TLS = 1 << 26
 COOKIE_GO_HOOK = 1 << 27
 COOKIE_CAPTURE = 1 << 28
+COOKIE_INSTANT = 1 << 29
 GO_HOOK_NEWPROC = 1
 GO_HOOK_ROUND_TRIP = 2
 GO_HOOK_REQUEST_WRITE = 3
@@ -86,6 +87,14 @@ REG_RAX = 6
 REG_RBX = 7
 REG_R10 = 8
 REG_R11 = 9
+REG_RBP = 10
+REG_RSP = 11
+REG_R12 = 12
+REG_R13 = 13
+REG_R14 = 14
+REG_R15 = 15
+CAPTURE_REGISTERS = 16
+SLOT_MEMORY = 1
 CAPTURED_CUT = 1
 CAPTURED_FAULT = 2
 CAPTURE_AT_ENTRY = 0
@@ -219,7 +228,7 @@ CAPTURE = NoticeType(NOTICE_CAPTURE, "capture", _HEADER + (
 ))
 NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CLIENT, GO_STREAM, CAPTURE)
 # struct capture_slot, and struct capture_plan (not a notice: the value user space writes to capture_plans).
-CAPTURE_SLOT = struct.Struct("<BBBBHH")
+CAPTURE_SLOT = struct.Struct("<BBBBHHiI")
 CAPTURE_PLAN = NoticeType(0, "capture_plan", (
     ("entry", f"{MAX_CAPTURES * CAPTURE_SLOT.size}s"), ("result", f"{CAPTURE_RESULTS * CAPTURE_SLOT.size}s"),
 ))

@@ -10,6 +10,7 @@ import collections
 import fcntl
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 from otel_ebpf.config import OTEL_EBPF_RETRY_QUEUE_SIZE, OTEL_EBPF_SPOOL_DIR, OTEL_EBPF_SPOOL_SIZE
@@ -120,8 +121,10 @@ class RetryQueue:
         """Lock the directory (two writers would delete each other's files) and queue the files found there."""
         setting = f"{OTEL_EBPF_SPOOL_DIR}={directory!r}"
         try:
-            os.makedirs(directory, exist_ok=True)
-            self._lock_file = open(os.path.join(directory, ".lock"), "a")
+            os.makedirs(directory, mode=0o700, exist_ok=True)  # spans can hold captured arguments: private
+            _check_private(directory, setting)
+            self._lock_file = os.fdopen(os.open(os.path.join(directory, ".lock"), os.O_WRONLY | os.O_CREAT |
+                                                os.O_APPEND, 0o600), "a")
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             names = os.listdir(directory)
         except BlockingIOError:
@@ -145,7 +148,7 @@ class RetryQueue:
         path = os.path.join(self.directory, f"{self._next_sequence:020d}-{payload.spans}.binpb")
         self._next_sequence += 1
         try:
-            with open(f"{path}.tmp", "wb") as f:
+            with os.fdopen(os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(payload.data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -154,6 +157,19 @@ class RetryQueue:
             _remove(f"{path}.tmp")
             raise
         return _Payload(payload.spans, payload.size, path=path)
+
+
+def _check_private(directory: str, setting: str) -> None:
+    """Refuse a spool directory other users can write to (or that is not ours): they could read, replace or plant
+    the span data sent from it."""
+    info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{setting} is not a directory", f"make {OTEL_EBPF_SPOOL_DIR} a directory of its own")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
+        owner = "" if info.st_uid == os.geteuid() else f", owned by uid {info.st_uid}"
+        raise UserError(f"{setting} can be written by other users (mode {stat.S_IMODE(info.st_mode):04o}{owner}), "
+                        "and spans may hold captured arguments",
+                        f"use a directory of otel-ebpf's own user that only it can write (chmod 700 {directory})")
 
 
 def _remove(path: str) -> None:

@@ -153,10 +153,28 @@ def _signature(die, go: bool) -> Signature:
     return Signature(tuple(params), tuple(results))
 
 
-@functools.lru_cache(maxsize=8)
-def signatures(path: str) -> dict[int, Signature]:
-    """Every defined function's signature in the DWARF of the file at path, by its entry address; empty when the
-    file has no DWARF or it cannot be read (then captures go by position)."""
+_SCOPES = ("DW_TAG_namespace", "DW_TAG_class_type", "DW_TAG_structure_type", "DW_TAG_union_type")
+
+
+def _functions(scope):
+    """Defined functions under a compilation unit, namespaces and classes included; what is inside a function
+    (its locals, lexical blocks) is skipped by sibling links, never parsed."""
+    for die in scope.iter_children():
+        if die.tag == "DW_TAG_subprogram" and "DW_AT_low_pc" in die.attributes:
+            yield die
+        elif die.tag in _SCOPES:
+            yield from _functions(die)
+
+
+def signatures(path: str, addresses: tuple[int, ...] | None = None) -> dict[int, Signature]:
+    """Defined functions' signatures in the DWARF of the file at path, by entry address: all of them, or those of
+    the compilation units holding `addresses` when .debug_aranges tells which (a few units of libc's hundreds).
+    Empty when the file has no DWARF or it cannot be read: then captures go by position."""
+    return _signatures(path, tuple(sorted(set(addresses))) if addresses is not None else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _signatures(path: str, addresses: tuple[int, ...] | None) -> dict[int, Signature]:
     found: dict[int, Signature] = {}
     try:
         with open(path, "rb") as stream:
@@ -164,13 +182,59 @@ def signatures(path: str) -> dict[int, Signature]:
             if not elf.has_dwarf_info():
                 return found
             go = elf.get_section_by_name(".go.buildinfo") is not None
-            for cu in elf.get_dwarf_info().iter_CUs():
-                for die in cu.iter_DIEs():
-                    if die.tag != "DW_TAG_subprogram" or "DW_AT_low_pc" not in die.attributes:
-                        continue
-                    low = die.attributes["DW_AT_low_pc"]
-                    if low.form == "DW_FORM_addr" or isinstance(low.value, int):
-                        found.setdefault(low.value, _signature(die, go))
+            info = elf.get_dwarf_info()
+            for cu in _units(info, addresses):
+                for die in _functions(cu.get_top_DIE()):
+                    found.setdefault(die.attributes["DW_AT_low_pc"].value, _signature(die, go))
     except _PARSE_ERRORS:
         return {}
     return found
+
+
+def _units(info, addresses: tuple[int, ...] | None):
+    """The compilation units to read: every one, or those holding an address (by .debug_aranges, else by each
+    unit's own ranges, which Go writes instead)."""
+    if addresses is None:
+        yield from info.iter_CUs()
+        return
+    aranges = info.get_aranges()
+    if aranges is not None:
+        offsets = {aranges.cu_offset_at_addr(address) for address in addresses}
+        if None not in offsets:
+            for offset in sorted(offsets):
+                yield info.get_CU_at(offset)
+            return
+    for cu in info.iter_CUs():
+        spans = _unit_ranges(info, cu.get_top_DIE())
+        if spans is None or any(low <= a < high for low, high in spans for a in addresses):
+            yield cu
+
+
+def _unit_ranges(info, top) -> list[tuple[int, int]] | None:
+    """A unit's address ranges; None when it does not say."""
+    attrs = top.attributes
+    if "DW_AT_low_pc" in attrs and "DW_AT_high_pc" in attrs:
+        low, high = attrs["DW_AT_low_pc"].value, attrs["DW_AT_high_pc"]
+        return [(low, high.value if high.form == "DW_FORM_addr" else low + high.value)]
+    if "DW_AT_ranges" in attrs and info.range_lists() is not None:
+        base = attrs["DW_AT_low_pc"].value if "DW_AT_low_pc" in attrs else 0
+        entries = info.range_lists().get_range_list_at_offset(attrs["DW_AT_ranges"].value, cu=top.cu)
+        spans = []
+        for entry in entries:
+            if hasattr(entry, "begin_offset"):
+                offset = 0 if getattr(entry, "is_absolute", False) else base
+                spans.append((offset + entry.begin_offset, offset + entry.end_offset))
+            elif hasattr(entry, "base_address"):
+                base = entry.base_address
+        return spans
+    return None
+
+
+def dwarf_size(path: str) -> int:
+    """Bytes of .debug_info: how long reading every signature would take (libc's 5.8 MB: about 10 s)."""
+    try:
+        with open(path, "rb") as stream:
+            section = ELFFile(stream).get_section_by_name(".debug_info")
+            return section.data_size if section is not None else 0
+    except _PARSE_ERRORS:
+        return 0

@@ -157,7 +157,7 @@ def itab_types(binary: str) -> dict[int, str]:
             if elf.header["e_type"] != "ET_EXEC" or not isinstance(symtab, SymbolTableSection):
                 return types
             for symbol in symtab.iter_symbols():
-                if symbol.name.startswith("go:itab."):
+                if symbol.name.startswith(("go:itab.", "go.itab.")):  # "go.itab." before Go 1.20
                     types[symbol["st_value"]] = symbol.name[len("go:itab."):].rpartition(",")[0]
     except (ELFError, struct.error, ValueError, OSError):
         return {}

@@ -1,6 +1,7 @@
 """RetryQueue: the bound in bytes, and the spool that keeps requests across runs."""
 
 import os
+import stat
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -94,6 +95,32 @@ def test_unusable_spool_directory_is_a_user_error(tmp_path):
     not_a_directory.write_text("")
     with pytest.raises(UserError, match="OTEL_EBPF_SPOOL_DIR=.* cannot be used: File exists"):
         RetryQueue(1 << 20, str(not_a_directory))
+
+
+def test_spool_directory_and_files_are_private(tmp_path):
+    """Spans can hold captured arguments: a new spool directory is 0700 and its files 0600, whatever the umask."""
+    spool = tmp_path / "new" / "spool"
+    previous = os.umask(0o002)
+    try:
+        queue = RetryQueue(1 << 20, str(spool))
+        queue.push(encode(["a"]), 1)
+        queue.close()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+    files = [spool / name for name in os.listdir(spool)]
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o702])
+def test_a_spool_directory_others_can_write_is_refused(tmp_path, mode):
+    spool = tmp_path / "shared"
+    spool.mkdir()
+    spool.chmod(mode)
+    with pytest.raises(UserError, match=f"can be written by other users \\(mode {mode:04o}\\)") as info:
+        RetryQueue(1 << 20, str(spool))
+    assert "chmod 700" in info.value.hint
+    assert os.listdir(spool) == []
 
 
 def test_retry_settings():
