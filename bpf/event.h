@@ -39,6 +39,7 @@ struct span_record {
 #define COOKIE_GO_HOOK (1ULL << 27)       /* Go's runtime and net/http (http.bpf.c): the probe id is a GO_HOOK_* */
 #define COOKIE_CAPTURE (1ULL << 28)       /* the probe reads arguments or its result (capture_plans, capture.bpf.c) */
 #define COOKIE_INSTANT (1ULL << 29)       /* a USDT probe: entry and return at once, a zero-length span */
+#define COOKIE_FILTER (1ULL << 30)        /* only calls whose name strings match (name_filters, filter.bpf.c) */
 #define COOKIE_GOID_SHIFT 32              /* bits 32-47: offset of goid in runtime.g, 0 when unknown */
 /* Probe ids are below this: the latency map has one slot per probe id, per CPU (336 bytes each). */
 #define MAX_PROBES 1024
@@ -344,6 +345,41 @@ struct capture_notice {
 #define CAPTURE_AT_ENTRY 0
 #define CAPTURE_AT_RETURN 1
 
+/* Which calls of a probe are traced, by two strings its arguments point to at both of its sites (Python's
+ * function__entry and function__return pass the file and function name): a call is traced when some rule
+ * matches both. User space writes one per filtered probe, by probe id. */
+#define NAME_PATTERN_MAX 64      /* bytes of a pattern */
+#define NAME_RULES 8             /* rules of one filter */
+#define FILTER_NAME_MAX 128      /* bytes of the name compared (longer names are compared by their start) */
+#define FILTER_FILE_MAX 256      /* bytes of the file compared (longer paths: by their start) */
+
+/* name_pattern.kind */
+#define PATTERN_ANY 0            /* `*`: anything */
+#define PATTERN_EXACT 1          /* the whole string */
+#define PATTERN_PREFIX 2         /* `text*` */
+#define PATTERN_SUFFIX 3         /* `*text` */
+
+struct name_pattern {
+	__u8 kind;               /* PATTERN_* */
+	__u8 length;             /* bytes of text */
+	__u8 pad[2];
+	char text[NAME_PATTERN_MAX];
+};
+
+struct name_rule {
+	struct name_pattern file;
+	struct name_pattern name;
+};
+
+struct name_filter {
+	__u8 entry_file_reg;     /* REG_* holding the file's address at the entry site */
+	__u8 entry_name_reg;     /* ... and the name's */
+	__u8 return_file_reg;    /* the same at the return site */
+	__u8 return_name_reg;
+	__u32 rules;             /* rules that are valid */
+	struct name_rule rule[NAME_RULES];
+};
+
 /* Descriptors [first, last] of a watched process that had sockets closed at once, without a close() per
  * descriptor: close_range, or the process's exit (0 to ~0). The requests on them end then. */
 struct fds_closed_notice {
@@ -366,6 +402,7 @@ struct event_layouts {
 	struct go_stream_notice go_stream;
 	struct capture_notice capture;
 	struct capture_plan capture_plan; /* not a notice: the value of capture_plans */
+	struct name_filter name_filter;   /* not a notice: the value of name_filters */
 };
 
 /* Slots of the `counters` map: things the kernel side could not do, so user space can report them. */
@@ -393,7 +430,10 @@ enum counter {
 	COUNTER_GO_REQUESTS_REMOVED = 18,
 	COUNTER_GO_WRITERS_ADDED = 19,
 	COUNTER_GO_WRITERS_REMOVED = 20,
-	COUNTER_MAX = 21,
+	/* a filtered probe's matching return whose entry it never reported (Python 3.11 reports function__entry for
+	 * few calls: CPython gh-98894), or did for another call: not paired */
+	COUNTER_FILTERED_UNPAIRED = 21,
+	COUNTER_MAX = 22,
 };
 
 /* Per-probe latency histogram, one per CPU (the `latency` map): calls with 2^(i-1) < duration_ns <= 2^i

@@ -9,6 +9,7 @@
 struct frame {
 	__u64 start_ns;
 	__u64 span_id;
+	__u64 identity;          /* COOKIE_FILTER probes: the name string's address, which its return must show too */
 	__u32 probe_id;
 	__u32 child_emitted;     /* a descendant's span was emitted, so this one must be too (MIN_DURATION_NS) */
 };
@@ -117,6 +118,17 @@ BPF_ARRAY(capture_plans, struct capture_plan, MAX_PROBES);
 
 /* Room to build a capture notice in: too large for the BPF stack. */
 BPF_PERCPU_ARRAY(capture_scratch, struct capture_notice, 1);
+
+/* Which calls of a filtered probe (COOKIE_FILTER: Python functions) are traced, by probe id (struct name_filter),
+ * written by user space before it attaches. */
+BPF_HASH(name_filters, __u32, struct name_filter, 64);
+
+/* The two strings a filter compares, read from the traced process: too large for the BPF stack together. */
+struct filter_strings {
+	char name[FILTER_NAME_MAX];
+	char file[FILTER_FILE_MAX];
+};
+BPF_PERCPU_ARRAY(filter_scratch, struct filter_strings, 1);
 
 /* Never read or written at run time: its value type lets user space check the compiled event layout. */
 BPF_ARRAY(event_layout, struct event_layouts, 1);

@@ -24,6 +24,7 @@
 #include "tls.bpf.c"
 #endif
 #include "capture.bpf.c"
+#include "filter.bpf.c"
 #include "uprobe.bpf.c"
 #include "process.bpf.c"
 

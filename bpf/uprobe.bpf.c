@@ -140,7 +140,7 @@ static __always_inline void start_trace(struct call_stack *stack, struct stack_k
 }
 
 /* A probed call starts: a frame on its thread's (goroutine's) stack. */
-static __always_inline void enter(struct pt_regs *ctx, __u64 cookie, __u64 now)
+static __always_inline void enter(struct pt_regs *ctx, __u64 cookie, __u64 now, __u64 identity)
 {
 	struct stack_key key = stack_key_of(ctx, cookie);
 	struct call_stack *stack = call_stacks.lookup(&key);
@@ -169,24 +169,33 @@ static __always_inline void enter(struct pt_regs *ctx, __u64 cookie, __u64 now)
 	stack->frames[depth].span_id = next_id(stack);
 	stack->frames[depth].probe_id = cookie & COOKIE_PROBE_ID_MASK;
 	stack->frames[depth].child_emitted = 0;
+	stack->frames[depth].identity = identity;
 	if ((cookie & COOKIE_CAPTURE) && stack->sampled)
 		capture_entry(ctx, cookie & COOKIE_PROBE_ID_MASK, stack->frames[depth].span_id);
 }
 
 /* A probed call returns: its frame comes off the stack and, sampled, becomes a span_record. */
-static __always_inline void leave(struct pt_regs *ctx, __u64 cookie, __u64 now)
+static __always_inline void leave(struct pt_regs *ctx, __u64 cookie, __u64 now, __u64 identity)
 {
 	__u32 probe_id = cookie & COOKIE_PROBE_ID_MASK;
 	struct stack_key key = stack_key_of(ctx, cookie);
 	struct call_stack *stack = call_stacks.lookup(&key);
 	if (!stack || stack->depth == 0) {
-		count(COUNTER_UNMATCHED_RETURN);
+		count(cookie & COOKIE_FILTER ? COUNTER_FILTERED_UNPAIRED : COUNTER_UNMATCHED_RETURN);
 		return;
 	}
 	__u32 depth = stack->depth - 1;
 	stack->depth = depth;
 	if (depth >= MAX_DEPTH)
 		return;
+	if ((cookie & COOKIE_FILTER) &&
+	    (stack->frames[depth].probe_id != probe_id || stack->frames[depth].identity != identity)) {
+		/* Only the innermost call can be this one: the return of a call whose entry was not reported must
+		 * not end an outer call of the same probe. */
+		stack->depth = depth + 1;
+		count(COUNTER_FILTERED_UNPAIRED);
+		return;
+	}
 	if (stack->frames[depth].probe_id != probe_id) {
 		count(COUNTER_UNMATCHED_RETURN);
 		int found = find_frame(stack, depth, probe_id);
@@ -263,9 +272,15 @@ int otel_entry(struct pt_regs *ctx)
 		watch_current(); /* the executable starts: follow the process from here on */
 		return 0;
 	}
-	enter(ctx, cookie, now);
+	__u64 identity = 0;
+	if (cookie & COOKIE_FILTER) {
+		identity = passes_filter(ctx, cookie & COOKIE_PROBE_ID_MASK, 1);
+		if (!identity)
+			return 0;
+	}
+	enter(ctx, cookie, now, identity);
 	if (cookie & COOKIE_INSTANT)
-		leave(ctx, cookie, now);
+		leave(ctx, cookie, now, identity);
 	return 0;
 }
 
@@ -283,6 +298,12 @@ int otel_return(struct pt_regs *ctx)
 		return 0;
 	}
 #endif
-	leave(ctx, cookie, now);
+	__u64 identity = 0;
+	if (cookie & COOKIE_FILTER) {
+		identity = passes_filter(ctx, cookie & COOKIE_PROBE_ID_MASK, 0);
+		if (!identity)
+			return 0;
+	}
+	leave(ctx, cookie, now, identity);
 	return 0;
 }

@@ -92,7 +92,9 @@ class CallData:
             attrs["go.goroutine.id"] = int(record["goroutine_id"])
         parent = int(record["parent_span_id"])
         key = int(record["process_seq"]) << 32 | pid
+        named_by = self._plans[probe_id].names_span
+        name = str(attrs.get(named_by, info.function)) if named_by else info.function
         return ServerSpan(key, resources[key], int(record["tid"]), record["trace_id"].tobytes(), span_id,
                           parent.to_bytes(8, "little") if parent else None, "", int(record["start_ns"]),
-                          int(record["end_ns"]), info.function, attrs, SPAN_KIND_INTERNAL,
+                          int(record["end_ns"]), name, attrs, SPAN_KIND_INTERNAL,
                           remote_parent=bool(record["flags"] & layout.SPAN_REMOTE_PARENT), depth=int(record["depth"]))

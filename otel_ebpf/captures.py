@@ -188,6 +188,7 @@ class Plan:
     result: Placed | None
     error: Condition | None
     error_register: int = -1
+    names_span: str = ""  # the key of a captured string that names the span (Python: its function)
 
     def encode(self) -> bytes:
         """struct capture_plan."""

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from otel_ebpf import __version__, config, symbols
+from otel_ebpf import __version__, config, python_functions, symbols
 from otel_ebpf.errors import UserError
 from otel_ebpf.symbols import dwarf, golang, usdt
 
@@ -131,9 +131,13 @@ def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
         markers = {text: capture for text, capture in wanted.items() if text.startswith(planning.USDT_PREFIX)}
         if markers:
             probes.add(planning.plan_usdt(table, markers))
-            wanted = {text: capture for text, capture in wanted.items() if text not in markers}
-            if not wanted:
-                continue
+        python = [text for text in spec.symbols if text.startswith(python_functions.PREFIX)]
+        if python:
+            probes.add(python_functions.plan(table, python))
+        wanted = {text: capture for text, capture in wanted.items()
+                  if text not in markers and not text.startswith(python_functions.PREFIX)}
+        if not wanted:
+            continue
         matches = table.resolve_each(list(wanted))
         for f in {f.address: f for _, found in matches for f in found}.values():
             if f.ifunc:

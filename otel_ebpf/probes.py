@@ -17,7 +17,7 @@ from otel_ebpf import captures as capturing
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel.attach import Kind, Site
 from otel_ebpf import symbols
-from otel_ebpf.kernel.layout import (COOKIE_CAPTURE, COOKIE_GO, COOKIE_GO_HOOK, COOKIE_INSTANT, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START,
+from otel_ebpf.kernel.layout import (COOKIE_CAPTURE, COOKIE_FILTER, COOKIE_GO, COOKIE_GO_HOOK, COOKIE_INSTANT, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START,
                                      GO_HOOK_NEWPROC, GO_HOOK_REQUEST_WRITE, GO_HOOK_ROUND_TRIP, MAX_PROBES)
 from otel_ebpf.otlp.encode import ProbeInfo
 from otel_ebpf.symbols import FunctionSymbol, SymbolTable, dwarf, golang, usdt
@@ -44,6 +44,7 @@ class Probe:
     # USDT: the sites of the probe (a zero-length span each time one fires), or of a pair's start and done.
     usdt: tuple[usdt.UsdtProbe, ...] = ()
     usdt_done: tuple[usdt.UsdtProbe, ...] = ()
+    name_filter: bytes | None = None  # struct name_filter: only the calls whose names match are traced
 
     @property
     def is_go(self) -> bool:
@@ -55,7 +56,7 @@ class Probe:
 
     def sites(self, probe_id: int) -> list[Site]:
         cookie = probe_id | (COOKIE_GO | self.goid_offset << COOKIE_GOID_SHIFT if self.is_go else 0) | (
-            COOKIE_CAPTURE if self.captures else 0)
+            COOKIE_CAPTURE if self.captures else 0) | (COOKIE_FILTER if self.name_filter else 0)
         if self.usdt:
             if not self.usdt_done:
                 return [Site(p.offset, Kind.ENTRY, cookie | COOKIE_INSTANT, p.semaphore_offset) for p in self.usdt]

@@ -205,6 +205,8 @@ class Session:
         for probe_id, probe in enumerate(table.probes):
             if probe.captures:
                 self.program.set_capture_plan(probe_id, probe.captures.encode())
+            if probe.name_filter:
+                self.program.set_name_filter(probe_id, probe.name_filter)
         encoder = SpanEncoder(table.info, self.clock)
         self.processor = BatchProcessor(
             encoder.encode,
@@ -374,6 +376,9 @@ class Session:
             line += f"; {kernel['depth_exceeded']} calls nested deeper than OTEL_EBPF_MAX_DEPTH not recorded"
         if kernel["unmatched_return"]:
             line += f"; {kernel['unmatched_return']} returns without a recorded entry"
+        if kernel["filtered_unpaired"]:
+            line += (f"; {kernel['filtered_unpaired']} Python calls returned without their entry reported, so were "
+                     "not traced (Python 3.11 reports function__entry for few calls: CPython gh-98894)")
         if kernel["notices_lost"]:
             line += f"; {kernel['notices_lost']} HTTP or process events lost to a full ring buffer"
         evicted = [f"{n} {layout.COUNTED_MAPS[name][1]}" for name, n in self.program.evicted(kernel).items() if n]

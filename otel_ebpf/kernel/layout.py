@@ -27,6 +27,7 @@ COOKIE_TLS = 1 << 26
 COOKIE_GO_HOOK = 1 << 27
 COOKIE_CAPTURE = 1 << 28
 COOKIE_INSTANT = 1 << 29
+COOKIE_FILTER = 1 << 30
 GO_HOOK_NEWPROC = 1
 GO_HOOK_ROUND_TRIP = 2
 GO_HOOK_REQUEST_WRITE = 3
@@ -98,6 +99,14 @@ SLOT_MEMORY = 1
 CAPTURED_CUT = 1
 CAPTURED_FAULT = 2
 CAPTURE_AT_ENTRY = 0
+NAME_PATTERN_MAX = 64
+NAME_RULES = 8
+FILTER_NAME_MAX = 128
+FILTER_FILE_MAX = 256
+PATTERN_ANY = 0
+PATTERN_EXACT = 1
+PATTERN_PREFIX = 2
+PATTERN_SUFFIX = 3
 CAPTURE_AT_RETURN = 1
 # process_info.flags (bpf/maps.h): written by user space when it registers a process itself.
 PROCESS_HAS_PARENT = 1
@@ -113,7 +122,7 @@ COUNTED_MAPS = {"sockets": (8, "sockets"), "requests": (8, "requests"), "thread_
                 "go_writers": (16, "Go requests being written")}
 # enum counter, by slot: the names metrics and the summary use.
 COUNTERS = ("spans_lost", "depth_exceeded", "unmatched_return", "notices_lost", "wakeups") + tuple(
-    f"{name}_{way}" for name in COUNTED_MAPS for way in ("added", "removed"))
+    f"{name}_{way}" for name in COUNTED_MAPS for way in ("added", "removed")) + ("filtered_unpaired",)
 # The C names of the same slots, for the layout checks.
 COUNTER_ENUM = tuple(f"COUNTER_{name.upper()}" for name in COUNTERS)
 
@@ -231,6 +240,12 @@ NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CL
 CAPTURE_SLOT = struct.Struct("<BBBBHHiI")
 CAPTURE_PLAN = NoticeType(0, "capture_plan", (
     ("entry", f"{MAX_CAPTURES * CAPTURE_SLOT.size}s"), ("result", f"{CAPTURE_RESULTS * CAPTURE_SLOT.size}s"),
+))
+# struct name_pattern, and struct name_filter (the value user space writes to name_filters).
+NAME_PATTERN = struct.Struct(f"<BB2x{NAME_PATTERN_MAX}s")
+NAME_FILTER = NoticeType(0, "name_filter", (
+    ("entry_file_reg", "B"), ("entry_name_reg", "B"), ("return_file_reg", "B"), ("return_name_reg", "B"),
+    ("rules", "I"), ("rule", f"{NAME_RULES * 2 * NAME_PATTERN.size}s"),
 ))
 # An exit notice is a process notice that ends before its identity.
 PROCESS_HEAD_SIZE = PROCESS.offsets()["identity.flags"][0]
@@ -480,7 +495,7 @@ def check_layouts(compiled: dict[str, tuple[dict[str, tuple[int, int]], int]]) -
 
     `compiled` maps a member of struct event_layouts to (its fields' offsets and sizes, its size)."""
     mirrors = {"span": (span_offsets(), SPAN_DTYPE.itemsize)}
-    mirrors.update({t.member: (t.offsets(), t.struct.size) for t in (*NOTICE_TYPES, CAPTURE_PLAN)})
+    mirrors.update({t.member: (t.offsets(), t.struct.size) for t in (*NOTICE_TYPES, CAPTURE_PLAN, NAME_FILTER)})
     for member, expected in mirrors.items():
         if compiled.get(member) != expected:
             raise UserError(

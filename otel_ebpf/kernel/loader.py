@@ -20,7 +20,8 @@ from otel_ebpf.errors import UserError
 from otel_ebpf.kernel import layout
 from otel_ebpf.kernel.bpf import BPF_TRACE_UPROBE_MULTI
 
-MAPS = ("spans", "notices", "counters", "latency", "call_stacks", "processes", "capture_plans")  # handed over in this order
+MAPS = ("spans", "notices", "counters", "latency", "call_stacks", "processes", "capture_plans",
+        "name_filters")  # handed over in this order
 PIDNS_MAPS = ("pending_follows", "pending_follows_count")  # and these, built for a child PID namespace
 HTTP_MAPS = ("go_stream_starts",)  # and these, built with HTTP tracing
 PROGRAMS = ("otel_entry", "otel_return")

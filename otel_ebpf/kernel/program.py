@@ -153,6 +153,10 @@ class Program:
         """What a probe reads of its calls (struct capture_plan): written before its uprobes are attached."""
         bpf.map_update(self.maps["capture_plans"], struct.pack("<I", probe_id), plan)
 
+    def set_name_filter(self, probe_id: int, name_filter: bytes) -> None:
+        """Which calls a COOKIE_FILTER probe traces (struct name_filter): written before it is attached."""
+        bpf.map_update(self.maps["name_filters"], struct.pack("<I", probe_id), name_filter)
+
     def followed_count(self) -> int:
         """Processes the kernel follows right now."""
         return bpf.count_keys(self.maps["processes"], 4)

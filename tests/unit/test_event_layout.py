@@ -66,10 +66,11 @@ def layout_program(tmp_path_factory):
     structs = [("span_record", layout.span_offsets())] + [(f"{t.member}_notice", t.offsets())
                                                           for t in layout.NOTICE_TYPES]
     structs.append(("capture_plan", layout.CAPTURE_PLAN.offsets()))
+    structs.append(("name_filter", layout.NAME_FILTER.offsets()))
     for struct_name, fields in structs:
         lines += [f"SHOW({struct_name}, {name})" for name in fields] + [f"SIZE({struct_name})"]
     lines += [f"SIZE({name})" for name in ("stack_key", "process_info", "latency_slots", "capture_slot",
-                                           "captured_value")]
+                                           "captured_value", "name_pattern")]
     lines += [f"CONSTANT({name})" for name in layout.CONSTANTS] + [f"CONSTANT({name})" for name in layout.COUNTER_ENUM]
     lines.append("CONSTANT(COUNTER_MAX)")
     (tmp / "layout.c").write_text(PROGRAM.replace("LINES", "\n    ".join(lines)).replace(
@@ -118,6 +119,10 @@ def test_map_values_user_space_reads_and_writes(c_layout):
     assert c_layout[("size", "capture_plan")][0] == plan.struct.size
     assert c_layout[("size", "capture_slot")][0] == layout.CAPTURE_SLOT.size
     assert c_layout[("size", "captured_value")][0] == layout.CAPTURED_VALUE.size
+    name_filter = layout.NAME_FILTER
+    assert {name: c_layout[("field", "name_filter", name)] for name in name_filter.offsets()} == name_filter.offsets()
+    assert c_layout[("size", "name_filter")][0] == name_filter.struct.size
+    assert c_layout[("size", "name_pattern")][0] == layout.NAME_PATTERN.size
 
 
 def test_a_mismatch_is_refused():
