@@ -264,5 +264,6 @@ def test_reader_that_stops_early_gets_no_traceback():
 def test_symbols_lists_functions_with_address_and_size():
     result = otel_ebpf("symbols", str(NESTED), "handle_*")
     assert result.returncode == 0, result.stderr
-    address, size, name = result.stdout.split()
+    address, size, name, parameters = result.stdout.strip().split(maxsplit=3)
     assert name == "handle_request" and int(address, 16) > 0 and int(size) > 0
+    assert parameters == "(int id) -> long int"  # from its DWARF
