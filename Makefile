@@ -27,6 +27,7 @@ e2e: setup examples
 # Tracing cost, span delivery and attach time, otel-ebpf vs bpftrace and the stock SDK (~3 min; README "Performance").
 bench: setup examples
 	$(PY) bench/run.py
+	$(PY) bench/capture_cost.py
 
 clean:
 	$(MAKE) -C examples clean

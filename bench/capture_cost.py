@@ -4,7 +4,7 @@ its argument captured, and with argument and result captured; and a Python loop 
 with `py:` probes enabled that match none of them (what every Python call pays: two USDT traps and the kernel's
 name filter). Results are printed and written to bench/results/captures.json.
 
-    python bench/capture_cost.py [--calls N] [--python-calls N] [--rounds R]
+    python bench/capture_cost.py [--calls N] [--python-calls N] [--rounds R] [--output FILE]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200_000)
     parser.add_argument("--python-calls", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     samples = {way: [] for way in WAYS}
     python = {"untraced": [], "py_probes_enabled": []}
@@ -88,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         "python_ns_per_call_median": {k: statistics.median(v) for k, v in python.items()},
         "python_added_ns_per_call_median": statistics.median(t - u for t, u in zip(python["py_probes_enabled"],
                                                                                     python["untraced"])),
-        "settings": vars(args),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     print(json.dumps(results, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

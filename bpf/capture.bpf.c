@@ -115,14 +115,13 @@ static __always_inline void send_capture(struct capture_notice *notice, __u32 pi
 		count(COUNTER_NOTICES_LOST);
 }
 
-/* At a sampled call's entry: the arguments its plan names. */
-static __always_inline void capture_entry(struct pt_regs *ctx, __u32 probe_id, __u64 span_id)
+/* Reads slots up to the first CAPTURE_NONE (at most `count`) into a capture notice of the call and sends it. */
+static __always_inline void capture_slots(struct pt_regs *ctx, struct capture_slot *slots, int count, __u32 pid,
+					  __u32 probe_id, __u64 span_id, __u16 at)
 {
 	__u32 zero = 0;
-	struct capture_plan *plan = capture_plans.lookup(&probe_id);
 	struct capture_notice *notice = capture_scratch.lookup(&zero);
-	struct bpf_pidns_info ns = {};
-	if (!plan || !notice || visible_ids(&ns))
+	if (!notice)
 		return;
 	__u64 regs[CAPTURE_REGISTERS] = {};
 	load_registers(ctx, regs);
@@ -130,32 +129,27 @@ static __always_inline void capture_entry(struct pt_regs *ctx, __u32 probe_id, _
 	__u16 values = 0;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < MAX_CAPTURES; i++) {
-		if (plan->entry[i].kind == CAPTURE_NONE)
+		if (i >= count || slots[i].kind == CAPTURE_NONE)
 			break;
-		capture_one(regs, &plan->entry[i], &notice->values[i], notice, &used);
+		capture_one(regs, &slots[i], &notice->values[i], notice, &used);
 		values = i + 1;
 	}
-	send_capture(notice, ns.tgid, probe_id, span_id, CAPTURE_AT_ENTRY, values, used);
+	send_capture(notice, pid, probe_id, span_id, at, values, used);
+}
+
+/* At a sampled call's entry: the arguments its plan names. */
+static __always_inline void capture_entry(struct pt_regs *ctx, __u32 probe_id, __u64 span_id)
+{
+	struct capture_plan *plan = capture_plans.lookup(&probe_id);
+	struct bpf_pidns_info ns = {};
+	if (plan && !visible_ids(&ns))
+		capture_slots(ctx, plan->entry, MAX_CAPTURES, ns.tgid, probe_id, span_id, CAPTURE_AT_ENTRY);
 }
 
 /* At the return of a call whose span is about to be sent: its result and error word, if the plan names them. */
 static __always_inline void capture_result(struct pt_regs *ctx, __u32 probe_id, __u64 span_id, __u32 pid)
 {
-	__u32 zero = 0;
 	struct capture_plan *plan = capture_plans.lookup(&probe_id);
-	struct capture_notice *notice = capture_scratch.lookup(&zero);
-	if (!plan || !notice || plan->result[0].kind == CAPTURE_NONE)
-		return;
-	__u64 regs[CAPTURE_REGISTERS] = {};
-	load_registers(ctx, regs);
-	__u32 used = 0;
-	__u16 values = 0;
-#pragma clang loop unroll(disable)
-	for (int i = 0; i < CAPTURE_RESULTS; i++) {
-		if (plan->result[i].kind == CAPTURE_NONE)
-			break;
-		capture_one(regs, &plan->result[i], &notice->values[i], notice, &used);
-		values = i + 1;
-	}
-	send_capture(notice, pid, probe_id, span_id, CAPTURE_AT_RETURN, values, used);
+	if (plan && plan->result[0].kind != CAPTURE_NONE)
+		capture_slots(ctx, plan->result, CAPTURE_RESULTS, pid, probe_id, span_id, CAPTURE_AT_RETURN);
 }

@@ -254,6 +254,17 @@ static __always_inline void leave(struct pt_regs *ctx, __u64 cookie, __u64 now, 
 	spans.ringbuf_submit(span, wake);
 }
 
+/* Whether a call goes on to its entry or return: always, but for filtered probes (COOKIE_FILTER) only the calls
+ * their filter keeps, `identity` then the name that pairs an entry with its return. */
+static __always_inline int kept(struct pt_regs *ctx, __u64 cookie, int at_entry, __u64 *identity)
+{
+	*identity = 0;
+	if (!(cookie & COOKIE_FILTER))
+		return 1;
+	*identity = passes_filter(ctx, cookie & COOKIE_PROBE_ID_MASK, at_entry);
+	return *identity != 0;
+}
+
 int otel_entry(struct pt_regs *ctx)
 {
 	__u64 now = bpf_ktime_get_ns();
@@ -272,12 +283,9 @@ int otel_entry(struct pt_regs *ctx)
 		watch_current(); /* the executable starts: follow the process from here on */
 		return 0;
 	}
-	__u64 identity = 0;
-	if (cookie & COOKIE_FILTER) {
-		identity = passes_filter(ctx, cookie & COOKIE_PROBE_ID_MASK, 1);
-		if (!identity)
-			return 0;
-	}
+	__u64 identity;
+	if (!kept(ctx, cookie, 1, &identity))
+		return 0;
 	enter(ctx, cookie, now, identity);
 	if (cookie & COOKIE_INSTANT)
 		leave(ctx, cookie, now, identity);
@@ -298,12 +306,9 @@ int otel_return(struct pt_regs *ctx)
 		return 0;
 	}
 #endif
-	__u64 identity = 0;
-	if (cookie & COOKIE_FILTER) {
-		identity = passes_filter(ctx, cookie & COOKIE_PROBE_ID_MASK, 0);
-		if (!identity)
-			return 0;
-	}
+	__u64 identity;
+	if (!kept(ctx, cookie, 0, &identity))
+		return 0;
 	leave(ctx, cookie, now, identity);
 	return 0;
 }

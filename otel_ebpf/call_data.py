@@ -34,7 +34,6 @@ class CallData:
         self._error_types = {probe_id: golang.itab_types(probes.binary(probe_id))
                              for probe_id, plan in self._plans.items() if plan.error_register >= 0}
         self._waiting: collections.OrderedDict[tuple[int, bytes], dict] = collections.OrderedDict()
-        self.forgotten = 0  # values pushed out before their span came
 
     def __bool__(self) -> bool:
         return bool(self._plans)
@@ -51,7 +50,6 @@ class CallData:
                 self._result(plan, notice.values, values, self._error_types.get(notice.probe_id, {}))
             while len(self._waiting) > MAX_WAITING:
                 self._waiting.popitem(last=False)
-                self.forgotten += 1
 
     @staticmethod
     def _result(plan: captures.Plan, values: tuple, into: dict, error_types: dict[int, str]) -> None:

@@ -121,3 +121,21 @@ def test_definitions_and_elapsed_time(results):
                  "attach", "targets"):
         assert results["definitions"][name], name
     assert finite_positive(results["elapsed_s"])
+
+
+def test_capture_cost_smoke(tmp_path):
+    """bench/capture_cost.py for real, one short round: every way measured, captures and Python probes cost."""
+    if os.geteuid() != 0:
+        pytest.skip("the benchmark attaches real uprobes: run as root (make test does)")
+    output = tmp_path / "captures.json"
+    run = subprocess.run([sys.executable, "bench/capture_cost.py", "--rounds", "1", "--calls", "5000",
+                          "--python-calls", "20000", "--output", str(output)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    ns = results["ns_per_call_median"]
+    assert set(ns) == {"untraced", "bpftrace", "no_captures", "argument", "argument_and_result"}
+    assert all(map(finite_positive, ns.values())) and ns["bpftrace"] > ns["untraced"]
+    assert set(results["ratio_to_no_captures_median"]) == {"argument", "argument_and_result"}
+    python = results["python_ns_per_call_median"]
+    assert python["py_probes_enabled"] > python["untraced"] > 0  # the USDT traps are paid by every call
