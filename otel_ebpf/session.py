@@ -380,7 +380,7 @@ class Session:
             line += (f"; {kernel['filtered_unpaired']} Python calls returned without their entry reported, so were "
                      "not traced (Python 3.11 reports function__entry for few calls: CPython gh-98894)")
         if kernel["notices_lost"]:
-            line += f"; {kernel['notices_lost']} HTTP or process events lost to a full ring buffer"
+            line += f"; {kernel['notices_lost']} HTTP, process or captured-value notices lost to a full ring buffer"
         evicted = [f"{n} {layout.COUNTED_MAPS[name][1]}" for name, n in self.program.evicted(kernel).items() if n]
         if evicted:
             line += f"; the kernel forgot {', '.join(evicted)} to make room (raise {OTEL_EBPF_MAX_THREADS})"
