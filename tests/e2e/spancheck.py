@@ -141,20 +141,33 @@ def nearest_calls(received, truth: GroundTruth, candidate: Callable[[Call], bool
 
     For runs where which calls got a span is decided at run time (sampling, a duration threshold): the result
     says which calls to hand to match(), which then checks the pairing strictly. Two spans that pick the same
-    call leave match() one call short, so a wrong guess fails rather than passes."""
+    call leave match() one call short, so a wrong guess fails rather than passes.
+
+    Spans are paired from the roots down, a child only among the calls under its parent's call: a call held up
+    between its last clock reading and its return probe (a preemption) has a span that ends late, nearer to the
+    end of its caller's recursive twin than to its own, and would otherwise pick the caller's call."""
     options = defaultdict(list)
     for call in truth.calls:
         if candidate(call):
-            options[(call.tid, call.fn)].append(call)
-    found = set()
-    for resource, span in received:
-        if resource["process.pid"] != truth.pid:
-            continue
-        calls = options[(attributes(span)[group_by], span.name)]
-        assert calls, f"span {span.name} {span.span_id.hex()}: no such call on its thread"
-        best = min(calls, key=lambda c: abs(span.start_time_unix_nano - c.start) + abs(span.end_time_unix_nano - c.end))
-        found.add((best.tid, best.seq))
-    return found
+            parent = traced_parent(truth, call, candidate)
+            options[(call.tid, call.fn)].append((call, parent.seq if parent else None))
+    ours = {span.span_id: span for resource, span in received if resource["process.pid"] == truth.pid}
+
+    def depth(span) -> int:
+        levels = 0
+        while span.parent_span_id in ours:
+            span, levels = ours[span.parent_span_id], levels + 1
+        return levels
+
+    picked: dict[bytes, Call] = {}
+    for span in sorted(ours.values(), key=depth):
+        tid = attributes(span)[group_by]
+        parent = picked.get(span.parent_span_id)
+        pool = [c for c, above in options[(tid, span.name)] if parent is None or above == parent.seq]
+        assert pool, f"span {span.name} {span.span_id.hex()}: no such call on its thread"
+        picked[span.span_id] = min(pool, key=lambda c: abs(span.start_time_unix_nano - c.start) +
+                                   abs(span.end_time_unix_nano - c.end))
+    return {(call.tid, call.seq) for call in picked.values()}
 
 
 def traced_parent(truth: GroundTruth, call: Call, traced: Callable[[Call], bool]) -> Call | None:
