@@ -17,8 +17,9 @@ from otel_ebpf import captures as capturing
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel.attach import Kind, Site
 from otel_ebpf import symbols
-from otel_ebpf.kernel.layout import (COOKIE_CAPTURE, COOKIE_FILTER, COOKIE_GO, COOKIE_GO_HOOK, COOKIE_INSTANT, COOKIE_GOID_SHIFT, COOKIE_PROCESS_START,
-                                     GO_HOOK_NEWPROC, GO_HOOK_REQUEST_WRITE, GO_HOOK_ROUND_TRIP, MAX_PROBES)
+from otel_ebpf.kernel.layout import (COOKIE_CAPTURE, COOKIE_FILTER, COOKIE_GO, COOKIE_GO_HOOK, COOKIE_GOID_SHIFT,
+                                     COOKIE_INSTANT, COOKIE_PROCESS_START, GO_HOOK_NEWPROC, GO_HOOK_REQUEST_WRITE,
+                                     GO_HOOK_ROUND_TRIP, MAX_PROBES)
 from otel_ebpf.otlp.encode import ProbeInfo
 from otel_ebpf.symbols import FunctionSymbol, SymbolTable, dwarf, golang, usdt
 
@@ -140,22 +141,31 @@ def plan_usdt(table: SymbolTable, wanted: dict[str, capturing.CaptureSpec | None
             raise UserError(f"{table.binary} has no USDT probe {name!r}",
                             f"it has {len(by_name)}: {shown}{' ...' if len(by_name) > 8 else ''}")
         names[name] = spec
-    probes, paired = [], set()
+    pairs = {}  # start name -> (done name, the pair's own name)
+    for name in names:
+        for start, end in _PAIR_ENDS:
+            if name.endswith(start) and name[:-len(start)] + end in names:
+                pairs[name] = (name[:-len(start)] + end, name[:-len(start)].rstrip("_"))
+                break
+    ends = {done for done, _ in pairs.values()}
+    probes = []
     for name, spec in names.items():
-        if name in paired:
+        if name in ends:
             continue
-        done = next((name[:-len(start)] + end for start, end in _PAIR_ENDS
-                     if name.endswith(start) and name[:-len(start)] + end in names), None)
-        starts = by_name[name]
-        plan = capturing.usdt_plan(spec, starts[0])
-        if done is not None:
-            paired |= {name, done}
-            shown = name[:-len(next(start for start, end in _PAIR_ENDS if name.endswith(start)))].rstrip("_")
-        else:
-            shown = name
-        symbol = FunctionSymbol(USDT_PREFIX + shown, shown, starts[0].address, starts[0].offset, 0)
-        probes.append(Probe(table.path, symbol, starts[0].address, shown_as=table.binary, captures=plan,
-                            usdt=tuple(starts), usdt_done=tuple(by_name[done]) if done else ()))
+        done, shown = pairs.get(name, (None, name))
+        # The sites of one probe (a marker inlined in several places) can hold its arguments in other registers:
+        # one capture plan serves the sites that agree.
+        layouts: dict[tuple[str, ...], list[usdt.UsdtProbe]] = {}
+        for site in by_name[name]:
+            layouts.setdefault(tuple(a.text for a in site.arguments), []).append(site)
+        if done is not None and len(layouts) > 1:
+            raise UserError(f"usdt:{name} is at {len(by_name[name])} places that pass its arguments differently; a "
+                            "pair needs one layout", f"trace usdt:{name} alone: each place gets its own span")
+        symbol = FunctionSymbol(USDT_PREFIX + shown, shown, by_name[name][0].address, by_name[name][0].offset, 0)
+        for sites in layouts.values():
+            probes.append(Probe(table.path, symbol, sites[0].address, shown_as=table.binary,
+                                captures=capturing.usdt_plan(spec, sites[0]), usdt=tuple(sites),
+                                usdt_done=tuple(by_name[done]) if done else ()))
     return probes
 
 

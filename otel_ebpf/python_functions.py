@@ -13,6 +13,7 @@ from __future__ import annotations
 from otel_ebpf import captures
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel import layout
+from otel_ebpf.probes import Probe
 from otel_ebpf.symbols import FunctionSymbol, SymbolTable, usdt
 
 PREFIX = "py:"
@@ -46,11 +47,9 @@ def _register(probe: usdt.UsdtProbe, index: int, binary: str) -> int:
     return probe.arguments[index].register
 
 
-def plan(table: SymbolTable, specs: list[str]) -> list:
+def plan(table: SymbolTable, specs: list[str]) -> list[Probe]:
     """One probe for every py: spec of a binary: the function__entry/function__return pair, filtered by the
     specs' (file, name) rules."""
-    from otel_ebpf.probes import Probe
-
     found = usdt.probes(table.path)
     entries = [p for p in found if p.full_name == ENTRY]
     returns = [p for p in found if p.full_name == RETURN]
@@ -68,6 +67,9 @@ def plan(table: SymbolTable, specs: list[str]) -> list:
             raise UserError(f"{spec!r} names no function", _HINT)
         rules += pattern(file or "*", "file", spec) + pattern(name, "function", spec)
     entry, done = entries[0], returns[0]
+    if any(len({tuple(a.text for a in p.arguments) for p in sites}) > 1 for sites in (entries, returns)):
+        raise UserError(f"{table.binary} passes the arguments of its function probes differently at different places",
+                        "trace them with usdt: specs instead")
     name_filter = struct_filter(_register(entry, 0, table.binary), _register(entry, 1, table.binary),
                                 _register(done, 0, table.binary), _register(done, 1, table.binary), len(specs), rules)
     arguments = (captures.Placed("code.file.path", "str", 8, _register(entry, 0, table.binary), 256),
