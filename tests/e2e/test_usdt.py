@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.e2e.conftest import clean_env
 from tests.e2e.spancheck import attributes
 from tests.ground_truth import BUILD_DIR
@@ -37,13 +39,15 @@ def monotonic_offset() -> int:
     return time.time_ns() - time.monotonic_ns()
 
 
-def test_usdt_probes_a_pair_and_a_semaphore_guarded_one(tracer, receiver):
+@pytest.mark.parametrize("mode", ["auto", "perf", "tracefs"])
+def test_usdt_probes_a_pair_and_a_semaphore_guarded_one(tracer, receiver, mode):
     """request__start/request__done as one span per request from start to done, with the start's arguments;
-    cache__miss as a zero-length span under it, its key only built because the kernel set the semaphore;
+    cache__miss as a zero-length span under it, its key only built because the kernel set the semaphore (in
+    each attach mode: a multi-uprobe link's ref_ctr_offsets, a perf event's config, a tracefs definition);
     both under the probed handle(), around the probed lookup()."""
     t = tracer(["trace", str(MARKERS), "handle", "lookup", "usdt:app:request__start(id:int, path:str)",
                 "usdt:app:request__done", "usdt:app:cache__miss(key:str, id:int)", "--", str(MARKERS), "6"],
-               **otlp(receiver))
+               OTEL_EBPF_ATTACH=mode, **otlp(receiver))
     assert t.finish() == 0, t.stderr
     starts, dones, misses = (events(t.stdout, kind) for kind in ("start", "done", "miss"))
     assert len(starts) == len(dones) == 6 and [m["id"] for m in misses] == ["1", "3", "5"]
