@@ -14,6 +14,8 @@ examples:
 demo: setup examples
 	NESTED_GROUND_TRUTH=/dev/null OTEL_TRACES_EXPORTER=console \
 	  $(PY) -m otel_ebpf trace examples/build/nested $(DEMO_SYMBOLS) -- examples/build/nested 2 2
+	@echo "make demo: to see these spans in Jaeger, run: docker compose up --build, then open" \
+	  "http://localhost:16686 (services nested, web-server and http-client; README \"Jaeger with docker compose\")"
 
 test: setup examples
 	$(PY) -m pytest tests

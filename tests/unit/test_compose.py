@@ -168,3 +168,24 @@ def test_probed_functions_exist_in_the_built_examples():
         built = EXAMPLES_DIR.parent / Path(binary).relative_to(workdir)
         assert built.is_file(), f"{binary}: make -C examples does not build {built}"
         assert set(symbols) <= function_symbols(built), binary
+
+
+def test_the_readme_walk_through_matches_the_compose_file_and_make_demo_points_to_it():
+    """What the README says the demo runs is what docker-compose.yml and demo.sh run; make demo's last line
+    gives the same command."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Jaeger with docker compose"):readme.index("## Privileges")]
+    for service in COMPOSE["services"]:
+        assert f"`{service}`" in section, service
+    script = (ROOT / "examples" / "demo.sh").read_text()
+    for program in ("httpserver\" 8080", "http_client.py", "nested\" 2 3", "OTEL_SERVICE_NAME=web-server",
+                    "OTEL_SERVICE_NAME=http-client"):
+        assert program in script, program
+    for shown in ("examples/build/httpserver", "examples/http_client.py", "examples/build/nested 2 3", "web-server",
+                  "http-client", "OTEL_SERVICE_NAME=nested", "http://jaeger:4318", "16686"):
+        assert shown in section, shown
+    assert environment(COMPOSE["services"]["otel-ebpf"])["OTEL_SERVICE_NAME"] == "nested"
+    assert environment(COMPOSE["services"]["otel-ebpf"])["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    makefile = (ROOT / "Makefile").read_text()
+    demo = makefile[makefile.index("\ndemo:"):makefile.index("\ntest:")]
+    assert "docker compose up --build" in demo and "docker compose up --build" in section
