@@ -62,13 +62,9 @@ class CallData:
             if len(values) > 1 and values[1].value:
                 into["error.type"] = error_types.get(values[1].value, "error")
             return
-        result = into.get(plan.result.key)
-        if isinstance(result, bool):
-            result = int(result)
-        elif isinstance(result, str):  # a pointer, or a uint beyond int64
-            result = int(result, 0)
-        if result is not None and error.matches(result):
-            into["error.type"] = str(into.get(plan.result.key))
+        if values and not values[0].flags & layout.CAPTURED_FAULT and \
+                error.matches(captures.number(plan.result, values[0])):
+            into["error.type"] = str(into[plan.result.key])
 
     def split(self, chunk: SpanChunk) -> tuple[SpanChunk, list[ServerSpan]]:
         """The spans of probes without captures, still as records, and those with captures, with their values."""

@@ -335,19 +335,26 @@ def usdt_plan(spec: CaptureSpec | None, probe: usdt.UsdtProbe) -> Plan | None:
 # ----- reading values back
 
 
+def number(placed: Placed, captured: layout.CapturedValue) -> int:
+    """A register's value as its capture reads it: an int sign-extended from its width, a bool as 0 or 1,
+    anything else unsigned. What |err conditions compare."""
+    value = captured.value
+    if placed.kind == "bool":
+        return int(bool(value & 0xFF))
+    bits = placed.size * 8 if placed.kind in ("int", "uint") else 64
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if placed.kind == "int" and value >> (bits - 1) else value
+
+
 def value_of(placed: Placed, captured: layout.CapturedValue):
     """An attribute value as OTLP types it: int, bool or string (hex, pointers, and uints above int64)."""
     if placed.kind in ("str", "hex"):
         return captured.data.hex() if placed.kind == "hex" else captured.data.decode("utf-8", "replace")
-    value = captured.value
+    value = number(placed, captured)
     if placed.kind == "bool":
-        return bool(value & 0xFF)
+        return bool(value)
     if placed.kind == "ptr":
         return f"0x{value:x}"
-    bits = placed.size * 8
-    value &= (1 << bits) - 1
-    if placed.kind == "int":
-        return value - (1 << bits) if value >> (bits - 1) else value
     return value if value < 1 << 63 else str(value)
 
 

@@ -125,3 +125,13 @@ def test_dwarf_signatures_of_the_c_example():
     assert shown == {"find_rows": "(const char *query, int limit, _Bool exact, long unsigned int flags, "
                                   "const unsigned char *token) -> int",
                      "open_record": "(const char *path) -> int"}
+
+
+@pytest.mark.parametrize("kind, size, register, number", [
+    ("int", 4, 0x00000000FFFFFFFF, -1), ("uint", 8, 2 ** 64 - 1, 2 ** 64 - 1), ("bool", 1, 0x102, 1),
+    ("ptr", 8, 0xFFFF800000000000, 0xFFFF800000000000),
+])
+def test_conditions_compare_the_register_as_its_capture_reads_it(kind, size, register, number):
+    placed = captures.Placed("k", kind, size, layout.REG_RAX)
+    assert captures.number(placed, layout.CapturedValue(register, b"", 0)) == number
+    assert captures.Condition(">=", number).matches(captures.number(placed, layout.CapturedValue(register, b"", 0)))
