@@ -57,15 +57,16 @@ class RetryQueue:
         """The variable that sets ``max_bytes``, for messages."""
         return OTEL_EBPF_SPOOL_SIZE if self.directory else OTEL_EBPF_RETRY_QUEUE_SIZE
 
-    def push(self, data: bytes, spans: int) -> int:
-        """Queue a request last; returns the spans dropped to stay within the bound (maybe this request's).
+    def push(self, data: bytes, spans: int, front: bool = False) -> int:
+        """Queue a request last (or first: the rest of one sent in part); returns the spans dropped to stay
+        within the bound (maybe this request's).
 
         Raises OSError when the spool file cannot be written; the request is not queued then.
         """
         payload = _Payload(spans, len(data), data)
         if self.directory is not None:
             payload = self._write(payload)
-        self._append(payload, left=False)
+        self._append(payload, left=front)
         return self._trim()
 
     def take(self) -> _Payload | None:

@@ -11,7 +11,9 @@ import time
 from otel_ebpf.config import OTEL_EBPF_SPOOL_DIR, Settings
 from otel_ebpf.otlp.backoff import Backoff
 from otel_ebpf.otlp.queue import RetryQueue, _Payload
-from otel_ebpf.otlp.transport import ExportError, RetryableError, Transport, otlp_transport
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from otel_ebpf.otlp.transport import ExportError, RetryableError, TooLargeError, Transport, otlp_transport
 from otel_ebpf.pipeline import Batch, FailureReport
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,8 @@ class RetryingExporter:
     and every later one then goes straight to the queue without an attempt, so the drain loop keeps emptying the
     ring buffer through an outage. One thread sends the queue oldest first, probing the backend with exponential
     backoff, capped low so that a backend that is back is noticed within seconds; once the queue is empty,
-    batches are sent at once again. A request the backend refuses (HTTP 400...) is dropped alone.
+    batches are sent at once again. A request the backend refuses (HTTP 400...) is dropped alone; one it refuses
+    as too large is sent in halves, as many times as it takes.
     """
 
     def __init__(self, transport: Transport, queue: RetryQueue, backoff_s: float = 1.0, max_backoff_s: float = 5.0,
@@ -43,6 +46,7 @@ class RetryingExporter:
         self._stop_deadline: float | None = None
         self._closed = False
         self._wake = threading.Event()  # cuts a backoff wait short at shutdown
+        self._warned_split = False
         self._thread = threading.Thread(target=self._run, name="otel-ebpf-retry", daemon=True)
         self._thread.start()
 
@@ -70,14 +74,12 @@ class RetryingExporter:
             if self._queue or self._sending is not None:
                 return self._enqueue(data, spans)
         try:
-            rejected = self._transport.send_once(data, deadline)
+            self._send(data, spans, deadline)
         except RetryableError as exc:
             with self._cond:
                 self._note_failure(str(exc))
-                return self._enqueue(data, spans)
-        except ExportError as exc:
-            return self._refused(spans, str(exc))
-        self._delivered(spans, rejected)
+                for part, count in exc.unsent:
+                    self._enqueue(part, count)
 
     def close(self, deadline: float | None = None) -> None:
         """Send what waits until ``deadline`` (default: now), then stop; later calls do nothing.
@@ -106,15 +108,22 @@ class RetryingExporter:
                 if not self._queue or (self._stop_deadline is not None and time.monotonic() >= self._stop_deadline):
                     return
                 payload = self._sending = self._queue.take()
+            if payload.data is None:
+                self._refused(payload.spans, f"cannot read {payload.path}")
+                self._finish(payload)
+                continue
             try:
-                if payload.data is None:
-                    raise ExportError(f"cannot read {payload.path}")
-                rejected = self._transport.send_once(payload.data, self._stop_deadline or float("inf"))
+                self._send(payload.data, payload.spans, self._stop_deadline or float("inf"))
             except RetryableError as exc:
                 with self._cond:
                     self._note_failure(str(exc))
                     self._sending = None
-                    self._counts["dropped_retry"] += self._queue.put_back(payload)
+                    if exc.unsent == [(payload.data, payload.spans)]:
+                        self._counts["dropped_retry"] += self._queue.put_back(payload)
+                    else:  # sent in part: what is left goes back to the front instead
+                        self._queue.done(payload)
+                        for part, count in reversed(exc.unsent):
+                            self._counts["dropped_retry"] += self._queue.push(part, count, front=True)
                     if self._stop_deadline is not None and self._queue.directory:
                         return  # at shutdown, what the spool holds is safe: no point waiting for the backend
                     wait = self._backoff.next(exc.after_s)
@@ -123,14 +132,45 @@ class RetryingExporter:
                 self._wake.wait(max(0.0, wait))
                 self._wake.clear()
                 continue
-            except ExportError as exc:
-                self._refused(payload.spans, str(exc))
-            else:
-                self._delivered(payload.spans, rejected)
-            with self._cond:
-                self._queue.done(payload)
-                self._sending = None
+            self._finish(payload)
             self._backoff.reset()
+
+    def _finish(self, payload: _Payload) -> None:
+        with self._cond:
+            self._queue.done(payload)
+            self._sending = None
+
+    def _send(self, data: bytes, spans: int, deadline: float) -> None:
+        """One attempt at a request, counted as delivered or refused; a request refused as too large is split in
+        halves and each sent so. Raises RetryableError whose ``unsent`` lists the parts still to deliver."""
+        try:
+            rejected = self._transport.send_once(data, deadline)
+        except RetryableError as exc:
+            exc.unsent = [(data, spans)]
+            raise
+        except TooLargeError as exc:
+            if spans < 2:
+                return self._refused(spans, f"{exc} (a single span)")
+            self._note_split(str(exc), spans, len(data))
+            parts = halves(data)
+            for i, (part, count) in enumerate(parts):
+                try:
+                    self._send(part, count, deadline)
+                except RetryableError as failure:
+                    failure.unsent += parts[i + 1:]
+                    raise
+            return None
+        except ExportError as exc:
+            return self._refused(spans, str(exc))
+        self._delivered(spans, rejected)
+        return None
+
+    def _note_split(self, reason: str, spans: int, size: int) -> None:
+        if not self._warned_split:
+            self._warned_split = True
+            logger.warning("the backend refused %d spans (%d bytes) in one request as too large: %s; sending "
+                           "such requests in halves (a lower OTEL_BSP_MAX_EXPORT_BATCH_SIZE avoids this)",
+                           spans, size, reason)
 
     def _waiting(self) -> int:
         """Spans queued or being sent; the caller holds the lock."""
@@ -192,3 +232,23 @@ def span_exporter(settings: Settings) -> RetryingExporter:
         if queue.spans:
             logger.warning("%d spans an earlier run left in %s are sent first", queue.spans, settings.spool_dir)
     return RetryingExporter(transport, queue)
+
+
+def halves(data: bytes) -> list[tuple[bytes, int]]:
+    """An encoded ExportTraceServiceRequest as two requests of half its spans each (and their span counts),
+    every span under its own resource and scope."""
+    request = ExportTraceServiceRequest.FromString(data)
+    total = sum(len(scope.spans) for group in request.resource_spans for scope in group.scope_spans)
+    parts, seen = (ExportTraceServiceRequest(), ExportTraceServiceRequest()), 0
+    for group in request.resource_spans:
+        added = [None, None]
+        for scope in group.scope_spans:
+            cut = min(max(total // 2 - seen, 0), len(scope.spans))
+            seen += len(scope.spans)
+            for side, spans in enumerate((scope.spans[:cut], scope.spans[cut:])):
+                if not spans:
+                    continue
+                if added[side] is None:
+                    added[side] = parts[side].resource_spans.add(resource=group.resource, schema_url=group.schema_url)
+                added[side].scope_spans.add(scope=scope.scope, schema_url=scope.schema_url, spans=spans)
+    return [(parts[0].SerializeToString(), total // 2), (parts[1].SerializeToString(), total - total // 2)]

@@ -7,7 +7,9 @@ method and the response type depend on the signal.
 Each transport's _attempt makes one request and says how it ended: a response, RetryableError or ExportError.
 Retry rules follow the OTLP specification: HTTP 429/502/503/504 and connection failures are retried, other HTTP
 errors are not; gRPC retries CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS, and
-RESOURCE_EXHAUSTED only when the server sent RetryInfo. send() retries on the Backoff schedule, honouring
+RESOURCE_EXHAUSTED only when the server sent RetryInfo. A request refused for its size (HTTP 413, or the 400 "request
+body too large" of Go servers such as the Collector; gRPC RESOURCE_EXHAUSTED "larger than max") raises
+TooLargeError, which a caller can answer by sending the request in parts. send() retries on the Backoff schedule, honouring
 the server's hints (Retry-After, RetryInfo); send_once() leaves retrying to its caller (RetryingExporter).
 """
 
@@ -76,6 +78,10 @@ _COMPRESSIONS = ("none", "gzip")
 
 class ExportError(Exception):
     """A batch could not be delivered, after any retries; the message is one short line."""
+
+
+class TooLargeError(ExportError):
+    """The server refused the request for its size; smaller requests with the same spans may pass."""
 
 
 class RetryableError(ExportError):
@@ -218,6 +224,8 @@ class HttpTransport(Transport):
             raise RetryableError(f"HTTP {response.status_code}", hint)
         if not response.ok:
             message = _status_message(response.content)
+            if response.status_code == 413 or (response.status_code == 400 and "too large" in message):
+                raise TooLargeError(f"{self.endpoint}: HTTP {response.status_code} {message}".rstrip())
             raise ExportError(f"{self.endpoint}: HTTP {response.status_code} {message}".rstrip())
         try:
             return self._signal.response.FromString(response.content)
@@ -282,6 +290,8 @@ class GrpcTransport(Transport):
             retry_delay = _grpc_retry_delay(exc.trailing_metadata())
             if code in _RETRYABLE_GRPC or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_delay is not None):
                 raise RetryableError(reason, retry_delay) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (exc.details() or ""):
+                raise TooLargeError(f"{self.endpoint}: {reason}") from None
             raise ExportError(f"{self.endpoint}: {reason}") from None
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from tests.ground_truth import LIBGREET, NESTED, build_examples
 from tests.otlp_receiver import OtlpReceiver
+from tests.waiting import wait_until
 
 READY = "otel-ebpf: tracing"
 
@@ -140,6 +141,13 @@ class Tracer:
     def wait_stdout(self, pattern: str, timeout: float = 60) -> re.Match:
         """A line of the tracer's or its command's stdout, e.g. a server's "listening port=" line."""
         return self._stdout.wait_for(pattern, timeout, alive=lambda: self.proc.poll() is None)
+
+    def wait_stderr(self, pattern: str, timeout: float = 60) -> None:
+        """Until a line of otel-ebpf's log matches `pattern` (from its start)."""
+        regex = re.compile(pattern)
+        wait_until(lambda: any(regex.match(line) for line in list(self.stderr_lines)) or self.proc.poll() is not None,
+                   f"a log line matching {pattern!r}", timeout)
+        assert any(regex.match(line) for line in self.stderr_lines), f"otel-ebpf exited first: {self.stderr}"
 
     def output(self) -> str:
         """The tracer's and its command's stdout so far (e.g. the console exporter's lines)."""

@@ -7,12 +7,13 @@ import time
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from otel_ebpf.config import load_settings
 from otel_ebpf.otlp.backoff import Backoff
 from otel_ebpf.otlp.queue import RetryQueue
-from otel_ebpf.otlp.retry import RetryingExporter, span_exporter
-from otel_ebpf.otlp.transport import HttpTransport, RetryableError
+from otel_ebpf.otlp.retry import RetryingExporter, halves, span_exporter
+from otel_ebpf.otlp.transport import HttpTransport, RetryableError, TooLargeError
 from otel_ebpf.pipeline import Batch, ConsoleSink, line_per_item
 from tests.unit.otlp_helpers import encode, encode_chunks, names_received, processor, spool_files
 from tests.waiting import wait_until
@@ -240,3 +241,64 @@ def test_backoff_honours_a_server_hint_only_when_it_asks_for_longer():
     assert Backoff(0.1, 1.0).next(hint_s=7.0) == 7.0
     assert 0.08 <= Backoff(0.1, 1.0).next(hint_s=0.01) <= 0.12
     assert 0.08 <= Backoff(0.1, 1.0).next(hint_s=None) <= 0.12
+
+
+class SizeLimitedTransport(CountingTransport):
+    """A backend taking at most `limit` spans per request, like a Collector's max_recv_msg_size, and failing
+    retryably once, at the attempt numbered `fail_at`."""
+
+    def __init__(self, transport, limit: int, fail_at: int):
+        super().__init__(transport)
+        self.limit, self.fail_at, self.attempts = limit, fail_at, 0
+
+    def send_once(self, payload, deadline):
+        self.attempts += 1
+        spans = sum(len(s.spans) for r in ExportTraceServiceRequest.FromString(payload).resource_spans
+                    for s in r.scope_spans)
+        if spans > self.limit:
+            raise TooLargeError(f"{spans} spans: received message larger than max")
+        if self.attempts == self.fail_at:
+            raise RetryableError("UNAVAILABLE")
+        return super().send_once(payload, deadline)
+
+
+@pytest.mark.parametrize("fail_at", [0, 4, 9])
+def test_a_request_too_large_is_sent_in_halves_each_span_once(kind, receiver, transports, exporters, caplog, fail_at):
+    """13 spans to a backend taking 3 per request: halves of halves, in order; a retryable failure part way
+    through queues only the parts not yet sent, so nothing arrives twice."""
+    caplog.set_level(logging.WARNING, logger="otel_ebpf.otlp.retry")
+    exporter = exporters(SizeLimitedTransport(transports(kind, receiver), limit=3, fail_at=fail_at))
+    names = [f"s{i}" for i in range(13)]
+    export(exporter, *names)
+    export(exporter, "after")
+    wait_until(lambda: exporter.waiting == 0 and exporter.counts["exported"] == 14, "every span delivered")
+    assert sorted(names_received(receiver)) == sorted(names + ["after"])
+    if not fail_at:
+        assert names_received(receiver) == names + ["after"]
+    assert exporter.counts["failed"] == 0
+    assert sum("in one request as too large" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_halves_keep_every_span_under_its_resource_and_scope():
+    request = ExportTraceServiceRequest()
+    for service, scopes in (("a", [["a1", "a2", "a3"]]), ("b", [["b1"], ["b2", "b3", "b4"]])):
+        group = request.resource_spans.add()
+        attribute = group.resource.attributes.add()
+        attribute.key, attribute.value.string_value = "service.name", service
+        for number, spans in enumerate(scopes):
+            scope = group.scope_spans.add()
+            scope.scope.name = f"{service}-scope{number}"
+            for name in spans:
+                scope.spans.add().name = name
+
+    def layout(data):
+        return [(group.resource.attributes[0].value.string_value, scope.scope.name, [s.name for s in scope.spans])
+                for group in ExportTraceServiceRequest.FromString(data).resource_spans for scope in group.scope_spans]
+
+    (first, n1), (second, n2) = halves(request.SerializeToString())
+    assert (n1, n2) == (3, 4)
+    assert layout(first) == [("a", "a-scope0", ["a1", "a2", "a3"])]
+    assert layout(second) == [("b", "b-scope0", ["b1"]), ("b", "b-scope1", ["b2", "b3", "b4"])]
+    (third, n3), (fourth, n4) = halves(second)
+    assert (n3, n4, layout(third), layout(fourth)) == (
+        2, 2, [("b", "b-scope0", ["b1"]), ("b", "b-scope1", ["b2"])], [("b", "b-scope1", ["b3", "b4"])])
