@@ -54,6 +54,7 @@ enum notice_kind {
 	NOTICE_HTTP_CLIENT = 7,   /* struct http_client_notice */
 	NOTICE_GO_STREAM = 8,     /* struct go_stream_notice */
 	NOTICE_CAPTURE = 9,       /* struct capture_notice */
+	NOTICE_EXEC = 10,         /* struct exec_notice */
 };
 
 /* The first bytes of every notice. */
@@ -104,6 +105,14 @@ struct process_notice {
 	__u32 cause;             /* PROCESS_CAUSE_* */
 	__u32 pad;
 	struct identity identity; /* NOTICE_PROCESS only: an exit notice ends before it */
+};
+
+/* A process exec'd a new program; sent for every exec only when probes name binaries by a path pattern
+ * (DISCOVER_EXECS), for user space to match the program against them. */
+struct exec_notice {
+	struct notice_header header; /* NOTICE_EXEC */
+	__u32 pid;               /* as seen in the tracer's PID namespace */
+	__u32 pad;
 };
 
 /* process_notice.cause */
@@ -401,6 +410,7 @@ struct event_layouts {
 	struct http_client_notice http_client;
 	struct go_stream_notice go_stream;
 	struct capture_notice capture;
+	struct exec_notice exec;
 	struct capture_plan capture_plan; /* not a notice: the value of capture_plans */
 	struct name_filter name_filter;   /* not a notice: the value of name_filters */
 };

@@ -126,6 +126,19 @@ static __always_inline void capture_exec(const char *filename, const char *const
 	exec_pending.update(&id, notice);
 }
 
+#ifdef DISCOVER_EXECS
+/* Node-wide discovery: user space hears of every exec, to match the program against its path patterns. */
+static __always_inline void announce_exec(void)
+{
+	struct bpf_pidns_info ns = {};
+	if (visible_ids(&ns))
+		return;
+	struct exec_notice notice = {.header = {.kind = NOTICE_EXEC, .length = sizeof(notice)}, .pid = ns.tgid};
+	if (notices.ringbuf_output(&notice, sizeof(notice), 0))
+		count(COUNTER_NOTICES_LOST);
+}
+#endif
+
 /* The exec succeeded: the process is a new program. Its thread is now the group leader (old_pid was its
  * thread id before) and its other threads are gone, so their call stacks go too. */
 static __always_inline void on_exec(__u32 old_pid)
@@ -139,6 +152,9 @@ static __always_inline void on_exec(__u32 old_pid)
 	call_stacks.delete(&key);
 #ifdef HTTP_TRACING
 	forget_thread(before);
+#endif
+#ifdef DISCOVER_EXECS
+	announce_exec();
 #endif
 	struct process_notice *pending = exec_pending.lookup(&before);
 	if (!pending)

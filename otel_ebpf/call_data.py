@@ -27,13 +27,26 @@ class CallData:
 
     def __init__(self, probes):
         """probes: the run's ProbeTable; only those with captures matter here."""
-        self._plans = {probe_id: probe.captures for probe_id, probe in enumerate(probes.probes) if probe.captures}
-        self._info = {probe_id: probes.info(probe_id) for probe_id in self._plans}
-        self._ids = np.array(sorted(self._plans), np.uint32)
+        self._table = probes
+        self._plans: dict[int, captures.Plan] = {}
+        self._info = {}
+        self._ids = np.array([], np.uint32)
         # Go error results: the type each interface table address stands for, in the probe's binary.
-        self._error_types = {probe_id: golang.itab_types(probes.binary(probe_id))
-                             for probe_id, plan in self._plans.items() if plan.error_register >= 0}
+        self._error_types: dict[int, dict] = {}
         self._waiting: collections.OrderedDict[tuple[int, bytes], dict] = collections.OrderedDict()
+        for probe_id in range(len(probes)):
+            self.add(probe_id)
+
+    def add(self, probe_id: int) -> None:
+        """A probe of the table, added at start-up or discovered since."""
+        probe = self._table.probes[probe_id]
+        if not probe.captures:
+            return
+        self._plans[probe_id] = probe.captures
+        self._info[probe_id] = self._table.info(probe_id)
+        self._ids = np.array(sorted(self._plans), np.uint32)
+        if probe.captures.error_register >= 0:
+            self._error_types[probe_id] = golang.itab_types(probe.binary)
 
     def __bool__(self) -> bool:
         return bool(self._plans)

@@ -9,8 +9,9 @@ import os
 import re
 import sys
 
-from otel_ebpf import __version__, config, python_functions, symbols
+from otel_ebpf import __version__, config, symbols
 from otel_ebpf.errors import UserError
+from otel_ebpf.plan import ifunc_choice
 from otel_ebpf.symbols import dwarf, golang, usdt
 
 EXIT_USAGE = 2
@@ -83,7 +84,7 @@ def _list_symbols(binary: str, pattern: str | None) -> int:
         unshown = "; name a PATTERN to see DWARF parameters"
     print(f"otel-ebpf: {_one_line(table.describe())}{unshown}", file=sys.stderr)
     for s in found:
-        name = f"{s.ifunc} -> {_implementation(s)}" if s.ifunc else s.demangled
+        name = f"{s.ifunc} -> {ifunc_choice(s)}" if s.ifunc else s.demangled
         signature = signatures.get(s.address)
         shown = f"  {signature.describe()}" if signature and not s.ifunc else ""
         why = f"  [not traceable: {refused[s.address]}]" if s.address in refused else ""
@@ -93,15 +94,11 @@ def _list_symbols(binary: str, pattern: str | None) -> int:
     return 0
 
 
-def _implementation(s: symbols.FunctionSymbol) -> str:
-    """An IFUNC's pick: by name when the symbols name it (__strlen_avx2), else by address."""
-    return s.demangled if s.demangled != s.ifunc else f"the code at {s.address:#x}"
-
-
 def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
+    from otel_ebpf import probes as planning
     from otel_ebpf import session
     from otel_ebpf.command import Command
-    from otel_ebpf import probes as planning
+    from otel_ebpf.plan import plan_binary
 
     overrides = {}
     if args.pid is not None:
@@ -119,33 +116,18 @@ def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
                         "set OTEL_EBPF_PROBES=BINARY:SYMBOL[,SYMBOL...] or use `otel-ebpf trace`")
     if command_argv is not None and settings.pids:
         raise UserError("--pid and -- COMMAND exclude each other", "use one of them")
+    patterns = [spec.binary for spec in settings.probes if spec.is_pattern]
+    if patterns and (args.command == "trace" or settings.pids):
+        raise UserError(f"{patterns[0]} is a path pattern: it finds processes node-wide, not in a traced command "
+                        "or --pid", "use `otel-ebpf run` without --pid, or name the binary's path")
     session.check_pids(settings.pids)
 
     probes = planning.ProbeTable()
     options = symbols.Options.from_settings(settings)
     view = settings.pids[0] if len(settings.pids) == 1 else None  # files as that process sees them
-    log = logging.getLogger("otel_ebpf")
     for spec in settings.probes:
-        table = symbols.load(spec.binary, options, view)
-        wanted = dict(planning.wanted(table, text) for text in spec.symbols)
-        markers = {text: capture for text, capture in wanted.items() if text.startswith(planning.USDT_PREFIX)}
-        if markers:
-            probes.add(planning.plan_usdt(table, markers))
-        python = [text for text in spec.symbols if text.startswith(python_functions.PREFIX)]
-        if python:
-            probes.add(python_functions.plan(table, python))
-        wanted = {text: capture for text, capture in wanted.items()
-                  if text not in markers and not text.startswith(python_functions.PREFIX)}
-        if not wanted:
-            continue
-        matches = table.resolve_each(list(wanted))
-        for f in {f.address: f for _, found in matches for f in found}.values():
-            if f.ifunc:
-                log.warning("%s is an IFUNC: tracing %s, the implementation it runs here", f.ifunc, _implementation(f))
-        planned, warning = planning.plan_matches(table.path, matches, spec.binary)
-        if warning:
-            log.warning("%s", warning)
-        probes.add(planning.with_captures(planned, matches, wanted, table))
+        if not spec.is_pattern:
+            probes.add(plan_binary(spec.binary, spec.symbols, options, view))
     session.check_mapped(settings.pids, probes)
     command = Command(command_argv) if command_argv is not None else None
     return session.run(settings, probes, command)

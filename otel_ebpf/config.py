@@ -108,6 +108,11 @@ class ProbeSpec:
     binary: str
     symbols: tuple[str, ...]
 
+    @property
+    def is_pattern(self) -> bool:
+        """A path glob (`*/bin/server`): the executables of processes found running or exec'ing that match it."""
+        return any(char in self.binary for char in "*?[")
+
 
 _PROBES_HINT = "write BINARY:SYMBOL[,SYMBOL...], entries separated by ';', e.g. /usr/bin/app:main;libssl.so.3:SSL_read"
 # Operator names such as ``operator<<`` or ``operator,`` would otherwise look like brackets or separators.

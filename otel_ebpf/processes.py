@@ -13,6 +13,7 @@ thread never reads its tables.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import re
@@ -28,8 +29,10 @@ from otel_ebpf.otlp.encode import SCOPE_NAME, Resource, process_key, resource
 
 # What a process's own environment may say about its identity and the trace it belongs to.
 PROCESS_ENVIRON = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "TRACEPARENT", "TRACESTATE")
-# A container runtime names the cgroup of a container after its 64-hex-digit id.
+# A container runtime names the cgroup of a container after its 64-hex-digit id, and the kubelet the cgroup of a
+# pod after its uid: pod<uid> (cgroupfs driver) or ...-pod<uid with '_' for '-'>.slice (systemd driver).
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+_POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 # Identities kept at most (the oldest go first), and how long one stays after its process exited: spans of its
 # last threads can be drained after the exit notice.
 MAX_PROCESSES = 4096
@@ -58,6 +61,7 @@ class ProcessInfo:
     argv: tuple[str, ...]
     environ: dict[str, str] = field(default_factory=dict)  # the PROCESS_ENVIRON entries it has
     container_id: str | None = None
+    pod_uid: str | None = None  # k8s.pod.uid
 
     @classmethod
     def from_proc(cls, pid: int, fallback_executable: str = "") -> ProcessInfo:
@@ -69,7 +73,7 @@ class ProcessInfo:
             name, _, value = _text(entry).partition("=")
             if name in PROCESS_ENVIRON and value:
                 environ[name] = value
-        return cls(pid, _executable(pid) or fallback_executable, argv, environ, _container_id(pid))
+        return cls(pid, _executable(pid) or fallback_executable, argv, environ, *_cgroup_ids(pid))
 
     @classmethod
     def from_identity(cls, pid: int, identity: layout.Identity) -> ProcessInfo:
@@ -81,7 +85,7 @@ class ProcessInfo:
                 environ[name_text] = _text(value)
         filename = _text(identity.filename)
         return cls(pid, _executable(pid) or filename, tuple(_text(a) for a in identity.argv), environ,
-                   _container_id(pid))
+                   *_cgroup_ids(pid))
 
     @functools.cached_property
     def parent(self) -> SpanContext | None:
@@ -104,9 +108,15 @@ def _executable(pid: int) -> str:
         return ""
 
 
-def _container_id(pid: int) -> str | None:
-    ids = _CONTAINER_ID.findall(_text(_read(f"/proc/{pid}/cgroup")))
-    return ids[-1] if ids else None
+def _cgroup_ids(pid: int) -> tuple[str | None, str | None]:
+    """container.id and k8s.pod.uid, from the names of the process's cgroups: what a node agent knows of the
+    container and pod it runs in (the Collector's k8sattributes processor adds the rest, by these)."""
+    return cgroup_ids(_text(_read(f"/proc/{pid}/cgroup")))
+
+
+def cgroup_ids(cgroup: str) -> tuple[str | None, str | None]:
+    containers, pods = _CONTAINER_ID.findall(cgroup), _POD_UID.findall(cgroup)
+    return (containers[-1] if containers else None), (pods[-1].replace("_", "-") if pods else None)
 
 
 class ProcessRegistry:
@@ -129,8 +139,7 @@ class ProcessRegistry:
             return None
         if notice.cause == layout.PROCESS_CAUSE_FORK:
             parent = self._known.get(int(process_key(notice.parent_pid, notice.parent_seq)))
-            info = (ProcessInfo(notice.pid, parent.executable, parent.argv, parent.environ, parent.container_id)
-                    if parent else ProcessInfo.from_proc(notice.pid))
+            info = (dataclasses.replace(parent, pid=notice.pid) if parent else ProcessInfo.from_proc(notice.pid))
         elif notice.identity is not None and notice.identity.flags & layout.IDENTITY_CAPTURED:
             info = ProcessInfo.from_identity(notice.pid, notice.identity)
         else:
@@ -176,6 +185,8 @@ class ProcessRegistry:
         attrs: dict = {**self._resource_attributes, **own}
         if info.container_id:
             attrs["container.id"] = info.container_id
+        if info.pod_uid:
+            attrs["k8s.pod.uid"] = info.pod_uid
         attrs.update({
             "service.name": info.environ.get("OTEL_SERVICE_NAME") or own.get("service.name") or self._service_name
             or self._resource_attributes.get("service.name") or info.started_as or "unknown_service",

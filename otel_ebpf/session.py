@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
+from otel_ebpf import symbols
 from otel_ebpf.call_data import CallData
 from otel_ebpf.clock import WallClock
 from otel_ebpf.command import Command
@@ -17,9 +18,10 @@ from otel_ebpf.config import (OTEL_EBPF_MAX_THREADS, OTEL_EBPF_RETRY_QUEUE_SIZE,
                               OTEL_EBPF_SPOOL_SIZE, Settings)
 from otel_ebpf.console import ConsoleFormat
 from otel_ebpf.correlation import Correlator
+from otel_ebpf.discovery import Discovery
 from otel_ebpf.errors import UserError
 from otel_ebpf.kernel import layout
-from otel_ebpf.kernel.attach import Attacher, choose_mode
+from otel_ebpf.kernel.attach import Attacher, Attachment, Site, choose_mode
 from otel_ebpf.kernel.program import Program, Tunables
 from otel_ebpf.kernel.ring import Ring, Waiter
 from otel_ebpf.metrics import FunctionLatency, MetricsEncoder, MetricsExporter, sidecar_resource
@@ -27,7 +29,7 @@ from otel_ebpf.otlp.encode import SpanEncoder
 from otel_ebpf.otlp.retry import span_exporter
 from otel_ebpf.otlp.transport import otlp_transport
 from otel_ebpf.pipeline import BatchProcessor, ConsoleSink, Sink, line_per_item
-from otel_ebpf.probes import ProbeTable, go_hook_sites, go_stream_starts, is_executable, start_site
+from otel_ebpf.probes import Probe, ProbeTable, go_hook_sites, go_stream_starts, is_executable, start_site
 from otel_ebpf.processes import ProcessInfo, ProcessRegistry
 from otel_ebpf.protocols import tls
 
@@ -133,17 +135,36 @@ class _Probes:
         self._per_process = []  # (path, sites) attached per followed process
         self._links: dict[int, list] = {}  # pid -> its per-process attachments
         self._tls_files: dict[int, set[str]] = {}  # pid -> the files its OpenSSL uprobes are on
+        self._program = program
+        self._goroutines = goroutines
         for path, probes in table.by_binary().items():
-            sites = [site for probe_id, probe in probes for site in probe.sites(probe_id)]
-            if goroutines and any(probe.is_go for _, probe in probes):
-                sites += go_hook_sites(path)
-                program.mark_stream_starts(go_stream_starts(path))
+            sites = self._sites(path, probes)
             if not follow or is_executable(path):
-                start = start_site(path) if not follow and is_executable(path) else None
-                self._shared.append((path, sites + ([start] if start else [])))
+                self._shared.append((path, sites))
             else:
                 self._per_process.append((path, sites))
         self.uprobes = sum(len(sites) for _, sites in self._shared + self._per_process)
+
+    def _sites(self, path: str, probes: list[tuple[int, Probe]]) -> list[Site]:
+        """The uprobe sites of a file's probes; system-wide, an executable's entry point as well."""
+        sites = [site for probe_id, probe in probes for site in probe.sites(probe_id)]
+        if self._goroutines and any(probe.is_go for _, probe in probes):
+            sites += go_hook_sites(path)
+            self._program.mark_stream_starts(go_stream_starts(path))
+        if not self._follow and is_executable(path):
+            start = start_site(path)
+            sites += [start] if start else []
+        return sites
+
+    def attach_file(self, path: str, probes: list[tuple[int, Probe]]) -> Attachment:
+        """A discovered file's probes, for every process (discovery.py: only system-wide)."""
+        attachment = self._attacher.attach(path, self._sites(path, probes))
+        self.uprobes += attachment.sites
+        return attachment
+
+    def detach(self, attachment: Attachment) -> None:
+        self.uprobes -= attachment.sites
+        self._attacher.detach(attachment)
 
     def attach(self, pids: list[int], awaiting_exec: int | None = None) -> None:
         """awaiting_exec: the COMMAND, still otel-ebpf's own fork: OpenSSL's uprobes wait for its exec."""
@@ -203,10 +224,7 @@ class Session:
                                      table.binary)
         self.call_data = CallData(table)
         for probe_id, probe in enumerate(table.probes):
-            if probe.captures:
-                self.program.set_capture_plan(probe_id, probe.captures.encode())
-            if probe.name_filter:
-                self.program.set_name_filter(probe_id, probe.name_filter)
+            self._configure(probe_id, probe)
         encoder = SpanEncoder(table.info, self.clock)
         self.processor = BatchProcessor(
             encoder.encode,
@@ -220,9 +238,27 @@ class Session:
         self.waiter = Waiter([self.spans_ring, self.notices_ring])
         self.probes = _Probes(self.program, Attacher(self.program, mode), table, self.follow,
                               settings.http and settings.tls, goroutines=settings.http)
+        patterns = [spec for spec in settings.probes if spec.is_pattern]
+        self.discovery = Discovery(patterns, symbols.Options.from_settings(settings), self._register,
+                                   self.probes.attach_file, self.probes.detach) if patterns else None
         # Set by the signal handler: a plain flag, since a handler that takes a lock (Event.set) deadlocks when the
         # next signal interrupts it inside that lock. The loop looks at it at least every POLL_S.
         self.stopping = False
+
+    def _configure(self, probe_id: int, probe: Probe) -> None:
+        """What the kernel keeps per probe beside its uprobes: what it reads, which calls it keeps."""
+        if probe.captures:
+            self.program.set_capture_plan(probe_id, probe.captures.encode())
+        if probe.name_filter:
+            self.program.set_name_filter(probe_id, probe.name_filter)
+
+    def _register(self, probes: list[Probe]) -> list[int]:
+        """Ids for discovered probes, configured in the kernel and known to every stage before any span."""
+        ids = self.table.add(probes)
+        for probe_id, probe in zip(ids, probes):
+            self._configure(probe_id, probe)
+            self.call_data.add(probe_id)
+        return ids
 
     def _metrics(self, console: TextIO) -> MetricsExporter | None:
         """Per-function latency histograms and loss counters, on their own schedule."""
@@ -269,8 +305,14 @@ class Session:
         _log.debug("attached %d uprobes in %.3f s", self.probes.uprobes, time.monotonic() - started)
         target = (f"pid {self.command.pid} and its descendants" if self.command else
                   f"pid {', '.join(map(str, self.pids))} and descendants" if self.pids else "all processes")
-        print(f"otel-ebpf: tracing {describe_functions(self.table)} in {target}; exporting to "
-              f"{_describe(self.settings)}", file=self.log, flush=True)
+        if self.discovery:
+            self.discovery.scan()
+        what = describe_functions(self.table) if len(self.table) else "no function yet"
+        if self.discovery:
+            what += f" and the executables matching {' '.join(s.binary for s in self.discovery.specs)}"
+            what += f" (now {', '.join(self.discovery.attached)})" if self.discovery.attached else ""
+        print(f"otel-ebpf: tracing {what} in {target}; exporting to {_describe(self.settings)}", file=self.log,
+              flush=True)
         for probe in self.table.probes:
             if probe.captures:
                 print(f"otel-ebpf: reading {probe.symbol.demangled}{probe.captures.describe()}: these values are "
@@ -291,6 +333,8 @@ class Session:
                 if isinstance(notice, layout.ProcessNotice):
                     (self.probes.forget if notice.kind == layout.NOTICE_PROCESS_EXIT else self.probes.follow)(
                         notice.pid)
+                elif isinstance(notice, layout.ExecNotice) and self.discovery:
+                    self.discovery.on_exec(notice.pid)
         records = self.spans_ring.spans(self.processor.room() if limit is None else limit, until)
         if len(records):
             chunk, with_values = self.call_data.split(self.correlator.spans(records))
@@ -313,6 +357,8 @@ class Session:
             self.drain()
             if time.monotonic() >= rescan_at:
                 self.probes.rescan()
+                if self.discovery:
+                    self.discovery.sweep()
                 rescan_at = time.monotonic() + TLS_RESCAN_S
 
     def shut_down(self) -> None:

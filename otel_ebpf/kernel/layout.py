@@ -69,6 +69,7 @@ NOTICE_HTTP2 = 6
 NOTICE_HTTP_CLIENT = 7
 NOTICE_GO_STREAM = 8
 NOTICE_CAPTURE = 9
+NOTICE_EXEC = 10
 MAX_CAPTURES = 8
 CAPTURE_RESULTS = 2
 CAPTURE_STRING_MAX = 1024
@@ -235,7 +236,8 @@ CAPTURE = NoticeType(NOTICE_CAPTURE, "capture", _HEADER + (
     ("pid", "I"), ("probe_id", "I"), ("span_id", "8s"), ("at", "H"), ("count", "H"), ("data_length", "I"),
     ("values", f"{MAX_CAPTURES * CAPTURED_VALUE.size}s"), ("data", f"{2 * CAPTURE_DATA}s"),
 ))
-NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CLIENT, GO_STREAM, CAPTURE)
+EXEC = NoticeType(NOTICE_EXEC, "exec", _HEADER + (("pid", "I"), ("pad", "I")))
+NOTICE_TYPES = (PROCESS, HTTP_REQUEST, HTTP_RESPONSE, FDS_CLOSED, HTTP2, HTTP_CLIENT, GO_STREAM, CAPTURE, EXEC)
 # struct capture_slot, and struct capture_plan (not a notice: the value user space writes to capture_plans).
 CAPTURE_SLOT = struct.Struct("<BBBBHHiI")
 CAPTURE_PLAN = NoticeType(0, "capture_plan", (
@@ -355,6 +357,12 @@ class CaptureNotice(NamedTuple):
     values: tuple[CapturedValue, ...]
 
 
+class ExecNotice(NamedTuple):
+    """A process exec'd (sent only for discovery: probes on binary path patterns)."""
+
+    pid: int
+
+
 class FdsClosedNotice(NamedTuple):
     """Descriptors first..last of a process closed at once (close_range, or its exit)."""
 
@@ -384,6 +392,7 @@ _RESPONSE = struct.Struct("<" + "".join(fmt for _, fmt in HTTP_RESPONSE.fields))
 _FDS_CLOSED = FDS_CLOSED.struct
 _CLIENT = HTTP_CLIENT.struct
 _GO_STREAM = GO_STREAM.struct
+_EXEC = EXEC.struct
 _CAPTURE_HEAD = struct.Struct("<" + "".join(fmt for name, fmt in CAPTURE.fields if name != "data"))
 _HTTP2_HEAD = struct.Struct("<" + "".join(fmt for name, fmt in HTTP2.fields if name != "data"))
 
@@ -458,6 +467,8 @@ def decode_notice(record: memoryview) -> ProcessNotice | HttpRequestNotice | Htt
         return GoStreamNotice(*_GO_STREAM.unpack_from(record)[2:])
     if kind == NOTICE_CAPTURE:
         return _capture(record)
+    if kind == NOTICE_EXEC:
+        return ExecNotice(_EXEC.unpack_from(record)[2])
     return None
 
 

@@ -42,6 +42,7 @@ class Tunables:
     min_duration_ns: int = 0
     http: bool = False
     follow_only: bool = False  # trace registered processes and their descendants only
+    discover_execs: bool = False  # announce every exec (probes on binary path patterns: discovery.py)
     wake_every: int = 4096  # spans per call stack between two wake-ups of user space
 
     @classmethod
@@ -51,7 +52,8 @@ class Tunables:
                    ring_buffer_size=settings.ring_buffer_size,
                    sample_threshold=None if sampler.sample_all else sampler.bound,
                    parent_based=sampler.parent_based, min_duration_ns=settings.min_duration_ns,
-                   http=settings.http, follow_only=follow_only)
+                   http=settings.http, follow_only=follow_only,
+                   discover_execs=any(spec.is_pattern for spec in settings.probes))
 
     @property
     def notice_ring_size(self) -> int:
@@ -100,6 +102,7 @@ def cflags(tunables: Tunables) -> list[str]:
     flags += ["-DPARENT_BASED"] if tunables.parent_based else []
     flags += ["-DHTTP_TRACING"] if tunables.http else []
     flags += ["-DFOLLOW_ONLY"] if tunables.follow_only else []
+    flags += ["-DDISCOVER_EXECS"] if tunables.discover_execs else []
     return flags
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.backends import Collector, Jaeger, build_backends, own_spans
+from tests.e2e.backends import Collector, Jaeger, build_backends, own_spans, validate
 from tests.e2e.conftest import clean_env
 from tests.e2e.spancheck import check_tree, match, named
 from tests.e2e.test_http import CLIENT_REQUESTS, FUNCTIONS, check_http, client_lines
@@ -227,3 +228,15 @@ def test_spans_a_collector_refuses_are_retried_until_delivered(tracer, jaeger, c
         check_ui_nested(downstream, service, parse(truth_file.read_text()), counts)
     finally:
         downstream.stop()
+
+
+def test_the_gateway_configuration_is_one_the_collector_accepts(tmp_path):
+    """deploy/gateway-collector.yaml through the built Collector's own `validate` (k8sattributes needs a cluster
+    to run, not to validate); the same file with a misspelt key is refused, naming it."""
+    gateway = Path(__file__).resolve().parents[2] / "deploy" / "gateway-collector.yaml"
+    result = validate(gateway)
+    assert result.returncode == 0, result.stderr
+    misspelt = tmp_path / "gateway.yaml"
+    misspelt.write_text(gateway.read_text().replace("pod_association:", "pod_asociation:"))
+    result = validate(misspelt)
+    assert result.returncode != 0 and "pod_asociation" in result.stderr, result.stderr

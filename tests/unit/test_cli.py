@@ -59,6 +59,8 @@ def assert_one_line_error(result, *expected: str):
     (["trace", str(NESTED)], {}, ["SYMBOL"]),
     (["frobnicate"], {}, ["frobnicate"]),
     (["run", "--", "true"], {}, ["only for `otel-ebpf trace`"]),
+    (["trace", "*/bin/nested", "fib", "--", "true"], {}, ["*/bin/nested is a path pattern", "otel-ebpf run"]),
+    (["run", "--pid", "1"], {"OTEL_EBPF_PROBES": "*/bin/nested:fib"}, ["path pattern", "without --pid"]),
 ])
 def test_bad_input(args, env, expected):
     assert_one_line_error(otel_ebpf(*args, env=env), *expected)

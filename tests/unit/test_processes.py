@@ -8,7 +8,7 @@ import pytest
 from otel_ebpf import __version__, processes
 from otel_ebpf.kernel import layout
 from otel_ebpf.otlp.encode import process_key
-from otel_ebpf.processes import ProcessInfo, ProcessRegistry
+from otel_ebpf.processes import ProcessInfo, ProcessRegistry, cgroup_ids
 
 GONE = 4_000_000_000  # no such pid: nothing is read from /proc for it
 
@@ -122,3 +122,18 @@ def test_what_the_processes_ran_is_told_for_a_run_that_traced_nothing():
 def test_from_proc_of_a_missing_process_falls_back():
     info = ProcessInfo.from_proc(GONE, "/srv/app")
     assert (info.executable, info.argv, info.started_as) == ("/srv/app", (), "app")
+
+
+@pytest.mark.parametrize("cgroup, expected", [
+    # cgroup v2, systemd driver, containerd
+    ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f3b4c1e_9a2d_4e6f_8b7a_1c2d3e4f5a6b.slice/"
+     "cri-containerd-" + "ab" * 32 + ".scope\n", ("ab" * 32, "0f3b4c1e-9a2d-4e6f-8b7a-1c2d3e4f5a6b")),
+    # cgroup v1, cgroupfs driver, docker; the last line naming ids wins
+    ("12:pids:/kubepods/besteffort/pod0f3b4c1e-9a2d-4e6f-8b7a-1c2d3e4f5a6b/" + "cd" * 32 + "\n"
+     "4:memory:/process_api/4e849a13202855438bbf34be91950297\n", ("cd" * 32, "0f3b4c1e-9a2d-4e6f-8b7a-1c2d3e4f5a6b")),
+    # a container outside Kubernetes, and no container at all
+    ("0::/system.slice/docker-" + "ef" * 32 + ".scope\n", ("ef" * 32, None)),
+    ("0::/user.slice/user-0.slice/session-1.scope\n", (None, None)),
+])
+def test_container_and_pod_ids_come_from_the_cgroup_names(cgroup, expected):
+    assert cgroup_ids(cgroup) == expected
