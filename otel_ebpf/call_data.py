@@ -34,6 +34,7 @@ class CallData:
         # Go error results: the type each interface table address stands for, in the probe's binary.
         self._error_types: dict[int, dict] = {}
         self._waiting: collections.OrderedDict[tuple[int, bytes], dict] = collections.OrderedDict()
+        self.errors: collections.Counter[int] = collections.Counter()  # spans with error.type, by probe id
         for probe_id in range(len(probes)):
             self.add(probe_id)
 
@@ -95,6 +96,8 @@ class CallData:
         span_id = int(record["span_id"]).to_bytes(8, "little")
         info = self._info[probe_id]
         attrs = {**info.attributes, **self._waiting.pop((pid, span_id), {})}
+        if "error.type" in attrs:
+            self.errors[probe_id] += 1
         if record["goroutine_id"]:
             attrs["go.goroutine.id"] = int(record["goroutine_id"])
         parent = int(record["parent_span_id"])

@@ -17,6 +17,8 @@ from otel_ebpf.symbols import dwarf, golang, usdt
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a program killed by SIGPIPE, as in `otel-ebpf symbols ... | head`
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+LIVE_HELP = ("a full-screen view of the traced functions (calls, latency, errors), the slowest calls and the export, "
+             "refreshed every second; the console exporter is off and a traced command's output goes to a file")
 # Without a PATTERN, `symbols` shows DWARF parameters only for files this small (read in about a second).
 _LISTED_DWARF_BYTES = 1 << 20
 
@@ -47,11 +49,13 @@ def _parser() -> argparse.ArgumentParser:
                            "SIGINT/SIGTERM.")
     trace.add_argument("binary", metavar="BINARY")
     trace.add_argument("symbols", metavar="SYMBOL", nargs="+")
+    trace.add_argument("--live", action="store_true", help=LIVE_HELP)
     trace.add_argument("--pid", action="append", metavar="PID", help="trace only this process and its descendants "
                        "(several: repeat --pid, or PID,PID)")
 
     run = sub.add_parser("run", help="sidecar mode: everything from the environment (OTEL_EBPF_PROBES, ...)")
     run.add_argument("--probes", metavar="SPEC", help="BINARY:SYMBOL[,SYMBOL...][;...] (overrides OTEL_EBPF_PROBES)")
+    run.add_argument("--live", action="store_true", help=LIVE_HELP)
     run.add_argument("--pid", action="append", metavar="PID",
                      help="trace only this process and its descendants (overrides OTEL_EBPF_PID)")
 
@@ -121,6 +125,12 @@ def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
         raise UserError(f"{patterns[0]} is a path pattern: it finds processes node-wide, not in a traced command "
                         "or --pid", "use `otel-ebpf run` without --pid, or name the binary's path")
     session.check_pids(settings.pids)
+    if args.live:
+        if not (sys.stderr.isatty() and sys.stdout.isatty()):
+            raise UserError("--live needs a terminal", "run it in a terminal, or leave --live out")
+        settings = settings.model_copy(update={
+            "traces_exporters": tuple(e for e in settings.traces_exporters if e != "console"),
+            "metrics_exporters": tuple(e for e in settings.metrics_exporters if e != "console")})
 
     probes = planning.ProbeTable()
     options = symbols.Options.from_settings(settings)
@@ -130,7 +140,7 @@ def _trace(args: argparse.Namespace, command_argv: list[str] | None) -> int:
             probes.add(plan_binary(spec.binary, spec.symbols, options, view))
     session.check_mapped(settings.pids, probes)
     command = Command(command_argv) if command_argv is not None else None
-    return session.run(settings, probes, command)
+    return session.run(settings, probes, command, live=args.live)
 
 
 def main(argv: list[str] | None = None) -> int:

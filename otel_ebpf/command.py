@@ -29,8 +29,9 @@ class Command:
         self._go_w = -1
         self._err_r = -1
 
-    def spawn_paused(self) -> int:
-        """Fork; the child waits for release() before exec. Returns the child's pid."""
+    def spawn_paused(self, output: int | None = None) -> int:
+        """Fork; the child waits for release() before exec, its stdout and stderr on `output` if given (a file
+        descriptor). Returns the child's pid."""
         go_r, self._go_w = os.pipe()
         self._err_r, err_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
@@ -38,6 +39,9 @@ class Command:
             try:
                 os.close(self._go_w)
                 os.close(self._err_r)
+                if output is not None:
+                    os.dup2(output, 1)
+                    os.dup2(output, 2)
                 if os.read(go_r, 1) == b"x":
                     os.execv(self.path, self.argv)
             except OSError as exc:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Callable, TextIO
 
@@ -24,6 +25,7 @@ from otel_ebpf.kernel import layout
 from otel_ebpf.kernel.attach import Attacher, Attachment, Site, choose_mode
 from otel_ebpf.kernel.program import Program, Tunables
 from otel_ebpf.kernel.ring import Ring, Waiter
+from otel_ebpf.live import LiveView, SlowCalls, Sources
 from otel_ebpf.metrics import FunctionLatency, MetricsEncoder, MetricsExporter, sidecar_resource
 from otel_ebpf.otlp.encode import SpanEncoder
 from otel_ebpf.otlp.retry import span_exporter
@@ -209,7 +211,7 @@ class Session:
     """One run, from loading the program to the last summary line."""
 
     def __init__(self, settings: Settings, table: ProbeTable, command: Command | None, console: TextIO,
-                 log: TextIO):
+                 log: TextIO, live: bool = False):
         self.settings = settings
         self.table = table
         self.command = command
@@ -226,10 +228,10 @@ class Session:
         for probe_id, probe in enumerate(table.probes):
             self._configure(probe_id, probe)
         encoder = SpanEncoder(table.info, self.clock)
+        self.sinks = _sinks(settings.traces_exporters, lambda: span_exporter(settings),
+                            ConsoleFormat(table.info, self.clock), console)
         self.processor = BatchProcessor(
-            encoder.encode,
-            _sinks(settings.traces_exporters, lambda: span_exporter(settings), ConsoleFormat(table.info, self.clock),
-                   console),
+            encoder.encode, self.sinks,
             max_queue_size=settings.bsp_max_queue_size, max_batch_size=settings.bsp_max_export_batch_size,
             schedule_delay_s=settings.bsp_schedule_delay_s, export_timeout_s=settings.bsp_export_timeout_s,
             exporters=settings.export_concurrency)
@@ -241,6 +243,7 @@ class Session:
         patterns = [spec for spec in settings.probes if spec.is_pattern]
         self.discovery = Discovery(patterns, symbols.Options.from_settings(settings), self._register,
                                    self.probes.attach_file, self.probes.detach) if patterns else None
+        self.slow = SlowCalls() if live else None
         # Set by the signal handler: a plain flag, since a handler that takes a lock (Event.set) deadlocks when the
         # next signal interrupts it inside that lock. The loop looks at it at least every POLL_S.
         self.stopping = False
@@ -337,7 +340,10 @@ class Session:
                     self.discovery.on_exec(notice.pid)
         records = self.spans_ring.spans(self.processor.room() if limit is None else limit, until)
         if len(records):
-            chunk, with_values = self.call_data.split(self.correlator.spans(records))
+            correlated = self.correlator.spans(records)
+            if self.slow:
+                self.slow.add(correlated.records)
+            chunk, with_values = self.call_data.split(correlated)
             if len(chunk):
                 self.processor.add(chunk)
             if with_values:
@@ -345,6 +351,22 @@ class Session:
         self.registry.evict_exited()
         self.clock.maybe_refresh()
         return len(records)
+
+    def live_view(self, output: str | None) -> LiveView:
+        """The --live view of this session; `output`: where a traced command's output goes."""
+        def export_state() -> str:
+            states = [sink.state for sink in self.sinks if hasattr(sink, "state")]
+            return ", ".join(states) if states else "none (OTEL_TRACES_EXPORTER)"
+
+        target = f"pid {self.command.pid}" if self.command else ", ".join(map(str, self.pids)) or "all processes"
+        title = (f"otel-ebpf --live: {target}, exporting to {_describe(self.settings)}; Ctrl-C stops"
+                 + (f"; the command's output is in {output}" if output else ""))
+        sources = Sources(
+            functions=lambda: [(p.symbol.demangled, p.shown_as or p.binary) for p in list(self.table.probes)],
+            latency=self.program.latency, errors=lambda: dict(self.call_data.errors),
+            lost=lambda: sum(self._lost(self.processor.stats, self.program.counters()).values()),
+            exported=lambda: self.processor.stats["exported"], export_state=export_state, title=title)
+        return LiveView(sources, self.slow)
 
     def trace(self) -> None:
         """Until the command exits, or SIGINT/SIGTERM."""
@@ -398,19 +420,23 @@ class Session:
         self.notices_ring.close()
         self.program.close()
 
-    def _summarise(self, still_followed: int) -> None:
-        """One line on shutdown: every span that did not reach the exporters is accounted for, or said to be
-        spooled; a run that traced nothing says why."""
-        stats, kernel, settings = self.processor.stats, self.program.counters(), self.settings
-        retry_bound = f"spool full ({OTEL_EBPF_SPOOL_SIZE})" if settings.spool_dir else (
+    def _lost(self, stats: dict, kernel: dict) -> dict[str, int]:
+        """Spans lost so far, by why."""
+        retry_bound = f"spool full ({OTEL_EBPF_SPOOL_SIZE})" if self.settings.spool_dir else (
             f"retry queue full ({OTEL_EBPF_RETRY_QUEUE_SIZE})")
-        lost = {
+        return {
             "ring buffer full": kernel["spans_lost"],
             "export queue full (OTEL_BSP_MAX_QUEUE_SIZE)": stats["dropped_full"],
             f"oldest dropped, {retry_bound}": stats["dropped_retry"],
             "export failed": stats["failed"],
             f"not exported within {OTEL_EBPF_SHUTDOWN_TIMEOUT} at shutdown": stats["dropped_shutdown"] + stats["unsent"],
         }
+
+    def _summarise(self, still_followed: int) -> None:
+        """One line on shutdown: every span that did not reach the exporters is accounted for, or said to be
+        spooled; a run that traced nothing says why."""
+        stats, kernel, settings = self.processor.stats, self.program.counters(), self.settings
+        lost = self._lost(stats, kernel)
         if settings.traces_exporters:
             line = f"otel-ebpf: {stats['exported']} spans exported, {sum(lost.values())} lost"
         else:
@@ -456,12 +482,19 @@ class Session:
 
 
 def run(settings: Settings, table: ProbeTable, command: Command | None = None,
-        console: TextIO = sys.stdout, log: TextIO = sys.stderr) -> int:
-    """Trace until the command exits (returning its status) or SIGINT/SIGTERM arrives (returning 0)."""
+        console: TextIO = sys.stdout, log: TextIO = sys.stderr, live: bool = False) -> int:
+    """Trace until the command exits (returning its status) or SIGINT/SIGTERM arrives (returning 0). `live`: with
+    the --live view, the command's output going to a file."""
+    output = None
     if command:
-        command.spawn_paused()
+        if live:
+            fd, output = tempfile.mkstemp(prefix="otel-ebpf-command-", suffix=".log")
+            command.spawn_paused(fd)
+            os.close(fd)
+        else:
+            command.spawn_paused()
     try:
-        session = Session(settings, table, command, console, log)
+        session = Session(settings, table, command, console, log, live)
     except BaseException:
         if command:
             command.abandon()
@@ -480,10 +513,19 @@ def run(settings: Settings, table: ProbeTable, command: Command | None = None,
                 if command:
                     command.abandon()
                 raise
+            view = session.live_view(output) if live else None
             try:
                 if command:
                     command.release()
-                session.trace()
+                if view:
+                    view.start()
+                try:
+                    session.trace()
+                finally:
+                    if view:
+                        view.stop()
+                        if output:
+                            print(f"otel-ebpf: the command's output is in {output}", file=log, flush=True)
             finally:
                 session.shut_down()
         finally:

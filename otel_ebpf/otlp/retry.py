@@ -58,6 +58,15 @@ class RetryingExporter:
             return dict(self._counts)
 
     @property
+    def state(self) -> str:
+        """For a person watching: `up`, or how long sends have failed and how much waits."""
+        with self._cond:
+            if self._outage_start is None:
+                return "up"
+            return (f"failing for {time.monotonic() - self._outage_start:.0f} s, {self._waiting()} spans waiting "
+                    f"({self._describe_queue()})")
+
+    @property
     def waiting(self) -> int:
         """Spans in the queue, such as those an earlier run left in the spool."""
         with self._cond:
