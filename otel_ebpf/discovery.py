@@ -5,7 +5,7 @@ the executable of each process, as the process sees it (its path in its own moun
 container's), both for the processes running when tracing starts (/proc) and for each one that execs later
 (the kernel announces every exec then: NOTICE_EXEC). A matching file is planned (plan.plan_binary) as its
 process sees it, through /proc/PID/root, and its uprobes attached once for every process that runs it; one
-file is one attachment however many containers run it (same device and inode: an image layer). When no
+file is one attachment however many containers run it (FileKey: an image layer's file). When no
 process runs a file any more its uprobes are detached, and found again if one starts it again.
 """
 
@@ -19,12 +19,25 @@ from typing import Callable
 
 from otel_ebpf import symbols
 from otel_ebpf.config import ProbeSpec
-from otel_ebpf.errors import UserError
 from otel_ebpf.plan import plan_binary
 from otel_ebpf.probes import Probe
 
 _log = logging.getLogger("otel_ebpf")
-FileKey = tuple[int, int]  # st_dev, st_ino
+# A file as every container that runs it sees it: inode, size and modification time. Not the device: through
+# overlayfs each container's mount is a device of its own (in stat and in the memory map alike) while the inode,
+# size and times are the image layer's file's, which the kernel's uprobes resolve to. Two containers of one
+# image must share one attachment, or every call would be traced twice.
+FileKey = tuple[int, int, int]
+
+
+def _running(pid: int) -> tuple[str, FileKey] | None:
+    """What a process runs: its executable as it names it, and the file's key."""
+    try:
+        executable = os.readlink(f"/proc/{pid}/exe")
+        stat = os.stat(f"/proc/{pid}/exe")
+    except OSError:  # gone already, or a kernel thread
+        return None
+    return executable, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass
@@ -65,49 +78,53 @@ class Discovery:
 
     def on_exec(self, pid: int) -> None:
         """A process that exec'd (or was found running): its executable, if a pattern matches it."""
-        try:
-            executable = os.readlink(f"/proc/{pid}/exe")
-            stat = os.stat(f"/proc/{pid}/exe")
-        except OSError:  # gone already, or a kernel thread
-            return
-        key = (stat.st_dev, stat.st_ino)
         previous = self._pid_files.pop(pid, None)
+        key = self._follow(pid)
         if previous is not None and previous != key:
             self._left(pid, previous)
+
+    def _follow(self, pid: int) -> FileKey | None:
+        """The file the process runs, attached if a pattern matches it; its key if the process is now counted
+        among that file's."""
+        running = _running(pid)
+        if running is None:
+            return None
+        executable, key = running
         wanted = tuple(dict.fromkeys(symbol for spec in self.specs if fnmatch.fnmatchcase(executable, spec.binary)
                                      for symbol in spec.symbols))
         if not wanted or key in self._refused:
-            return
+            return None
         found = self._files.get(key)
         if found is None:
             try:
                 probes = plan_binary(executable, wanted, self._options, view=pid, shown_as=executable)
-            except (UserError, OSError) as exc:
+                found = _Found(executable, list(zip(self._register(probes), probes)))
+            except Exception as exc:  # one file that cannot be traced must not stop the node's agent
+                if _running(pid) != running:  # it exited while we read it: the next process will do
+                    _log.debug("pid %d ended while %s was read: %s", pid, executable, exc)
+                    return None
                 self._refused.add(key)
                 _log.warning("%s (pid %d) matches %s but cannot be traced: %s", executable, pid,
                              " ".join(spec.binary for spec in self.specs), exc)
-                return
-            found = self._files[key] = _Found(executable, list(zip(self._register(probes), probes)))
+                return None
+            self._files[key] = found
         if found.attachment is None:
             try:
                 found.attachment = self._attach(symbols.binary_path(executable, pid), found.probes)
-            except (UserError, OSError) as exc:  # it exited while we looked
+            except Exception as exc:  # it exited while we looked, or the kernel refused
                 _log.debug("could not attach to %s of pid %d: %s", executable, pid, exc)
-                return
+                return None
             _log.warning("found %s (pid %d): its %d functions are traced in every process running it",
                          executable, pid, len(found.probes))
         found.pids.add(pid)
         self._pid_files[pid] = key
+        return key
 
     def sweep(self) -> None:
         """Forget processes that exited or exec'd something else; detach files no process runs any more."""
         for pid, key in list(self._pid_files.items()):
-            try:
-                stat = os.stat(f"/proc/{pid}/exe")
-                same = (stat.st_dev, stat.st_ino) == key
-            except OSError:
-                same = False
-            if not same:
+            running = _running(pid)
+            if running is None or running[1] != key:
                 del self._pid_files[pid]
                 self._left(pid, key)
 

@@ -489,8 +489,10 @@ def run(settings: Settings, table: ProbeTable, command: Command | None = None,
     if command:
         if live:
             fd, output = tempfile.mkstemp(prefix="otel-ebpf-command-", suffix=".log")
-            command.spawn_paused(fd)
-            os.close(fd)
+            try:
+                command.spawn_paused(fd)
+            finally:
+                os.close(fd)
         else:
             command.spawn_paused()
     try:

@@ -129,10 +129,15 @@ class RetryingExporter:
                     self._sending = None
                     if exc.unsent == [(payload.data, payload.spans)]:
                         self._counts["dropped_retry"] += self._queue.put_back(payload)
-                    else:  # sent in part: what is left goes back to the front instead
-                        self._queue.done(payload)
+                    else:  # sent in part: what is left goes back to the front instead, before the whole goes
                         for part, count in reversed(exc.unsent):
-                            self._counts["dropped_retry"] += self._queue.push(part, count, front=True)
+                            try:
+                                self._counts["dropped_retry"] += self._queue.push(part, count, front=True)
+                            except OSError as error:  # e.g. the spool's disk is full
+                                self._counts["failed"] += count
+                                self._refusals.failed(count, f"cannot write to {OTEL_EBPF_SPOOL_DIR}: "
+                                                             f"{error.strerror}")
+                        self._queue.done(payload)
                     if self._stop_deadline is not None and self._queue.directory:
                         return  # at shutdown, what the spool holds is safe: no point waiting for the backend
                     wait = self._backoff.next(exc.after_s)

@@ -36,7 +36,11 @@ def build_backends() -> None:
 
 
 class Backend:
-    """A collector-style program (Jaeger v2 is one) run with a configuration written as JSON, which YAML reads."""
+    """A collector-style program (Jaeger v2 is one) run with a configuration written as JSON, which YAML reads;
+    subclasses set the ports its OTLP receiver listens on."""
+
+    grpc_port: int
+    http_port: int
 
     def __init__(self, binary: Path, config: dict, workdir: Path, name: str):
         self.config_path = workdir / f"{name}.json"
@@ -53,6 +57,7 @@ class Backend:
             try:
                 self.log.wait_for(READY, timeout=60)
             except AssertionError as exc:
+                self.stop()
                 raise AssertionError(f"{self._argv[0]} did not start: {exc}\n{self.log.text()}") from None
         return self
 
@@ -64,6 +69,14 @@ class Backend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1/traces"
 
     def __enter__(self) -> Backend:
         return self.start()
@@ -104,14 +117,6 @@ class Jaeger(Backend):
         }
         super().__init__(JAEGER, config, workdir, f"jaeger-{self.query_port}")
         self.query = f"http://127.0.0.1:{self.query_port}"
-
-    @property
-    def grpc_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/v1/traces"
 
     def get(self, path: str, **params) -> dict:
         response = requests.get(self.query + path, params=params, timeout=10)
@@ -196,14 +201,6 @@ class Collector(Backend):
             "exporters": {"otlp_http": {"endpoint": export_to, **(exporter or {})}},
         }
         super().__init__(OTELCOL, config, workdir, f"collector-{self.grpc_port}")
-
-    @property
-    def grpc_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/v1/traces"
 
 
 def validate(config: Path) -> subprocess.CompletedProcess:

@@ -40,8 +40,8 @@ def collector(tmp_path, jaeger):
 
     def start(export_to: str | None = None, ready: bool = True, **options) -> Collector:
         c = Collector(tmp_path, export_to or f"http://127.0.0.1:{jaeger.http_port}", **options)
-        started.append(c.start(ready))
-        return c
+        started.append(c)
+        return c.start(ready)
 
     yield start
     for c in started:

@@ -120,3 +120,34 @@ def test_processes_matching_a_path_pattern_are_found_attached_and_detached(trace
     assert not any("k8s.pod.uid" in r for r, _ in received if r["process.pid"] != boxed.pid)
     assert f"{expected} spans exported, 0 lost" in t.stderr, t.stderr
 
+
+
+def test_containers_of_one_image_share_one_attachment(tracer, receiver, tmp_path, start):
+    """Two containers started from one image: two overlayfs mounts over the same lower layer, each in a mount
+    namespace of its own. Their executables are one file underneath (stat through each overlay gives another
+    device): it is attached once, so each call is one span, not two."""
+    image = install(tmp_path / "image")
+    t = tracer(["run"], OTEL_EBPF_PROBES=f"{PATTERN}:{','.join(TRACED)}",
+               OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.http_endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf")
+    t.wait_ready()
+    containers = []
+    for name in ("one", "two"):
+        upper, work, merged = (tmp_path / f"{name}-{part}" for part in ("upper", "work", "merged"))
+        for directory in (upper, work, merged):
+            directory.mkdir()
+        script = (f"mount -t overlay overlay -o lowerdir={image.parent.parent},upperdir={upper},workdir={work} "
+                  f"{merged} && exec {merged}/bin/nested 1 2")
+        containers.append(start(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], name))
+    t.wait_stderr(rf"otel-ebpf: found {tmp_path}/(one|two)-merged/bin/nested ")
+    # Exec notices are handled in order: once a later process is found, the second container's exec was seen.
+    marker = start([str(install(tmp_path / "marker")), "1", "1"], "marker")
+    t.wait_stderr(rf"otel-ebpf: found {tmp_path}/marker/bin/nested \(pid {marker.pid}\)")
+    containers.append(marker)
+    truths = [c.run() for c in containers]
+    expected = sum(expected_counts(1, n)[fn] for n in (2, 2, 1) for fn in TRACED)
+    received = receiver.wait_for_spans(expected, timeout=15)
+    assert t.finish(signal.SIGTERM) == 0, t.stderr
+    assert len(received) == expected, "each call once"
+    for truth in truths:
+        check_tree(match(received, truth, named(*TRACED)), truth)
+    assert sum("otel-ebpf: found " in line for line in t.stderr_lines) == 2, "the image's file, then the marker's"

@@ -262,21 +262,24 @@ class SizeLimitedTransport(CountingTransport):
         return super().send_once(payload, deadline)
 
 
+@pytest.mark.parametrize("spool", [False, True], ids=["memory", "spool"])
 @pytest.mark.parametrize("fail_at", [0, 4, 9])
-def test_a_request_too_large_is_sent_in_halves_each_span_once(kind, receiver, transports, exporters, caplog, fail_at):
+def test_a_request_too_large_is_sent_in_halves_each_span_once(kind, receiver, transports, exporters, caplog, fail_at,
+                                                              spool, tmp_path):
     """13 spans to a backend taking 3 per request: halves of halves, in order; a retryable failure part way
-    through queues only the parts not yet sent, so nothing arrives twice."""
+    through queues only the parts not yet sent (in memory or as spool files), so nothing arrives twice."""
     caplog.set_level(logging.WARNING, logger="otel_ebpf.otlp.retry")
-    exporter = exporters(SizeLimitedTransport(transports(kind, receiver), limit=3, fail_at=fail_at))
+    queue = RetryQueue(1 << 20, str(tmp_path / "spool")) if spool else None
+    exporter = exporters(SizeLimitedTransport(transports(kind, receiver), limit=3, fail_at=fail_at), queue)
     names = [f"s{i}" for i in range(13)]
     export(exporter, *names)
     export(exporter, "after")
     wait_until(lambda: exporter.waiting == 0 and exporter.counts["exported"] == 14, "every span delivered")
-    assert sorted(names_received(receiver)) == sorted(names + ["after"])
-    if not fail_at:
-        assert names_received(receiver) == names + ["after"]
+    assert names_received(receiver) == names + ["after"]
     assert exporter.counts["failed"] == 0
     assert sum("in one request as too large" in r.getMessage() for r in caplog.records) == 1
+    if spool:
+        assert spool_files(tmp_path / "spool") == [], "every part's file deleted once delivered"
 
 
 def test_halves_keep_every_span_under_its_resource_and_scope():
