@@ -473,6 +473,9 @@ class Session:
         print(line, file=self.log, flush=True)
 
     def _why_nothing(self) -> str:
+        if self.discovery and not len(self.table):
+            return (f"no process ran an executable matching {' '.join(s.binary for s in self.discovery.specs)} "
+                    "(matched against the path the process names it by, e.g. /app/bin/server in its container)")
         probed = {p.binary for p in self.table.probes}
         binaries = ", ".join(sorted({p.shown_as or p.binary for p in self.table.probes}))
         ran = self.registry.executables()

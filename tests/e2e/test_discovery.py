@@ -151,3 +151,12 @@ def test_containers_of_one_image_share_one_attachment(tracer, receiver, tmp_path
     for truth in truths:
         check_tree(match(received, truth, named(*TRACED)), truth)
     assert sum("otel-ebpf: found " in line for line in t.stderr_lines) == 2, "the image's file, then the marker's"
+
+
+def test_a_run_whose_pattern_matched_nothing_says_so(tracer, receiver):
+    t = tracer(["run"], OTEL_EBPF_PROBES="*/bin/no-such-server:handle_*",
+               OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.http_endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf")
+    t.wait_ready()
+    assert t.finish(signal.SIGTERM) == 0, t.stderr
+    assert "0 spans exported, 0 lost; no process ran an executable matching */bin/no-such-server" in t.stderr, \
+        t.stderr
